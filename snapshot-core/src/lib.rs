@@ -1,0 +1,24 @@
+//! The snapshot model of strata: containerd's snapshotter contract without any mount, plugin,
+//! async or gRPC machinery.
+//!
+//! - [`Snapshotter`]: the operations (prepare, view, commit, remove, walk, ...).
+//! - [`MetaStore`]: durable, transactional snapshot metadata on an embedded ACID store (`redb`).
+//! - [`identity`]: digests and chain IDs.
+//! - [`filter`]: containerd's walk filter language.
+//! - [`FileSystem`]: a backing file system that mounts layers living elsewhere.
+//! - `testsuite` (feature `testsuite`): the conformance suite every snapshotter passes.
+
+mod error;
+mod filesystem;
+pub mod filter;
+pub mod identity;
+mod model;
+mod snapshotter;
+
+pub use error::{Error, ErrorKind, Result};
+pub use filesystem::FileSystem;
+pub use model::{
+    CommitOpts, Info, Kind, LABEL_OVERLAY_UPPERDIR, LABEL_REMOTE, LABEL_TARGET_REF, Labels,
+    MAX_LABEL_SIZE, Mount, Usage, is_inherited_label, validate_labels,
+};
+pub use snapshotter::Snapshotter;
