@@ -174,10 +174,9 @@ pub struct Mount {
 impl Mount {
     /// The value of the first `name=value` option, if present.
     pub fn option(&self, name: &str) -> Option<&str> {
-        self.options.iter().find_map(|o| {
-            o.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix('='))
-        })
+        self.options
+            .iter()
+            .find_map(|o| o.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
     }
 
     /// True for a bind mount that carries `ro`.

@@ -1,1 +1,121 @@
-fn main() {}
+//! Developer commands: `cargo xtask test` (what CI runs) and `cargo xtask bench <name>`.
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  test               install missing system packages, check formatting and lints, build and run every test
+  bench snapshots    prepare+commit, stat and walk over 10,000 snapshots (release build)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["test"] => test(),
+        ["bench", name] => bench(name),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `program args...` from the workspace root, failing with the command line on error.
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("xtask: running {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot start {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// The tests mount overlayfs, bind mounts and (later) FUSE: they need root.
+fn require_root() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("");
+    if euid != "0" {
+        bail!("the tests mount filesystems and must run as root (effective uid is {euid})");
+    }
+    Ok(())
+}
+
+/// Makes sure the kernel can do what the tests need, failing with what is missing.
+fn require_kernel_features() -> Result<()> {
+    let fs = std::fs::read_to_string("/proc/filesystems").context("read /proc/filesystems")?;
+    if !fs.lines().any(|l| l.trim_end().ends_with("overlay")) {
+        // Try to load it; the tests cannot run without it.
+        let _ = Command::new("modprobe").arg("overlay").status();
+        let fs = std::fs::read_to_string("/proc/filesystems").context("read /proc/filesystems")?;
+        if !fs.lines().any(|l| l.trim_end().ends_with("overlay")) {
+            bail!("the kernel has no overlay filesystem (modprobe overlay failed)");
+        }
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    require_root()?;
+    require_kernel_features()?;
+    let cargo = cargo();
+    run(&cargo, &["fmt", "--all", "--", "--check"])?;
+    run(
+        &cargo,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    run(
+        &cargo,
+        &["test", "--workspace", "--all-targets", "--all-features"],
+    )?;
+    run(&cargo, &["test", "--workspace", "--doc", "--all-features"])?;
+    Ok(())
+}
+
+fn bench(name: &str) -> Result<()> {
+    let cargo = cargo();
+    match name {
+        "snapshots" => {
+            require_root()?;
+            run(
+                &cargo,
+                &["bench", "-p", "snapshot-overlay", "--bench", "snapshots"],
+            )
+        }
+        other => bail!("unknown benchmark {other:?}\n{USAGE}"),
+    }
+}
