@@ -81,10 +81,55 @@ fn require_kernel_features() -> Result<()> {
     Ok(())
 }
 
+/// `snapshot-core` must stay usable alone: none of the mount, plugin, async or gRPC machinery.
+fn check_core_dependencies(cargo: &str) -> Result<()> {
+    let out = Command::new(cargo)
+        .args([
+            "tree",
+            "-p",
+            "snapshot-core",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .current_dir(workspace_root())
+        .output()
+        .context("cannot run cargo tree")?;
+    if !out.status.success() {
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let forbidden = [
+        "nix",
+        "rustix",
+        "abi_stable",
+        "libloading",
+        "tokio",
+        "tonic",
+        "fuser",
+    ];
+    let found: Vec<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| forbidden.contains(name))
+        .collect();
+    if !found.is_empty() {
+        bail!(
+            "snapshot-core depends on {found:?}; it must build without mount/plugin/async/gRPC crates"
+        );
+    }
+    Ok(())
+}
+
 fn test() -> Result<()> {
     require_root()?;
     require_kernel_features()?;
     let cargo = cargo();
+    check_core_dependencies(&cargo)?;
     run(&cargo, &["fmt", "--all", "--", "--check"])?;
     run(
         &cargo,
