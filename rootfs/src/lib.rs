@@ -1,1 +1,23 @@
-//! todo
+//! Layers <-> snapshots: rootfs applies OCI layers to snapshots, diffs snapshots back into layers
+//! and mounts snapshots.
+//!
+//! Only mounting exists so far: [`mount`] performs the [`snapshot_core::Mount`]s a snapshotter
+//! returns at a target directory and unmounts them again.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use rootfs::mount::MountGuard;
+//! # fn demo(mounts: &[snapshot_core::Mount]) -> rootfs::Result<()> {
+//! let guard = MountGuard::mount(mounts, Path::new("/run/strata/rootfs"))?;
+//! // ... use guard.path() ...
+//! guard.unmount()?; // or let it drop (errors are then only logged)
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod layer;
+pub mod mount;
+
+pub use error::{Error, Result};
+pub use layer::{Applier, Layer};

@@ -15,6 +15,8 @@ pub mod identity;
 mod metastore;
 mod model;
 mod snapshotter;
+#[cfg(feature = "testsuite")]
+pub mod testsuite;
 mod usage;
 
 pub use error::{Error, ErrorKind, Result};
