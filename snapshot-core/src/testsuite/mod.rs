@@ -3,7 +3,7 @@
 //!
 //! A snapshotter runs every case with one macro call in an integration test:
 //!
-//! ```ignore
+//! ```text
 //! fn factory(root: &std::path::Path) -> snapshot_core::Result<Box<dyn snapshot_core::Snapshotter>> {
 //!     Ok(Box::new(MySnapshotter::open(root)?))
 //! }
