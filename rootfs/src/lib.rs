@@ -18,6 +18,8 @@
 mod error;
 mod layer;
 pub mod mount;
+pub mod unpack;
 
 pub use error::{Error, Result};
 pub use layer::{Applier, Layer};
+pub use unpack::{LayerOutcome, UnpackOpts, Unpacker, apply_layer, apply_layers};

@@ -42,7 +42,7 @@ pub fn is_inherited_label(key: &str) -> bool {
 }
 
 /// The kind of a snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub enum Kind {
     /// Not a valid kind (what an unknown string parses to).
     #[default]
