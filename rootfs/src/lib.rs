@@ -16,10 +16,12 @@
 //! ```
 
 mod error;
+mod init;
 mod layer;
 pub mod mount;
 pub mod unpack;
 
 pub use error::{Error, Result};
+pub use init::{init_layer_name, init_rootfs};
 pub use layer::{Applier, Layer};
 pub use unpack::{LayerOutcome, UnpackOpts, Unpacker, apply_layer, apply_layers};

@@ -54,7 +54,8 @@ pub struct Unpacker {
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
-fn unique_suffix() -> String {
+/// A suffix unique within this host for temporary snapshot keys.
+pub(crate) fn unique_key_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -66,7 +67,7 @@ fn unique_suffix() -> String {
 
 /// containerd's extraction key: `extract-<nanos>-<unique> <chainID>`.
 fn extract_key(chain: &Digest) -> String {
-    format!("extract-{} {chain}", unique_suffix())
+    format!("extract-{} {chain}", unique_key_suffix())
 }
 
 /// The diff ID of a layer, parsed from its `diff` descriptor.
