@@ -12,6 +12,8 @@
 
 mod mounts;
 mod overlay;
+mod remote;
 
 pub use mounts::{needs_userxattr, running_in_user_namespace};
 pub use overlay::{Options, OverlaySnapshotter};
+pub use remote::REMOTE_LABEL_VALUE;

@@ -2,16 +2,18 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use snapshot_core::filter::Filter;
 use snapshot_core::{
-    CommitOpts, Error, Info, Kind, LABEL_OVERLAY_UPPERDIR, Labels, MetaStore, Mount, Result,
-    Snapshot, Snapshotter, Usage, WriteTx, disk_usage,
+    CommitOpts, Error, FileSystem, Info, Kind, LABEL_OVERLAY_UPPERDIR, Labels, MetaStore, Mount,
+    Result, Snapshot, Snapshotter, Usage, WriteTx, disk_usage,
 };
 
 use crate::mounts::{extra_overlay_options, running_in_user_namespace, snapshot_mounts};
+use crate::remote::wants_remote;
 
 /// Options of the overlay snapshotter.
 #[derive(Debug, Clone, Default)]
@@ -31,6 +33,7 @@ pub struct OverlaySnapshotter {
     ms: MetaStore,
     opts: Options,
     extra_options: Vec<String>,
+    fs: Option<Arc<dyn FileSystem>>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -62,6 +65,16 @@ fn temp_name() -> String {
 impl OverlaySnapshotter {
     /// Opens (or creates) a snapshotter rooted at `root`.
     pub fn open(root: &Path, opts: Options) -> Result<OverlaySnapshotter> {
+        Self::open_with_filesystem(root, opts, None)
+    }
+
+    /// Opens a snapshotter whose layers may be provided by a backing file system (the remote
+    /// snapshotter): remote snapshots found in the store are mounted again before this returns.
+    pub fn open_with_filesystem(
+        root: &Path,
+        opts: Options,
+        fs: Option<Arc<dyn FileSystem>>,
+    ) -> Result<OverlaySnapshotter> {
         std::fs::create_dir_all(root).map_err(io(format!("create root {}", root.display())))?;
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .map_err(io(format!("chmod {}", root.display())))?;
@@ -71,12 +84,43 @@ impl OverlaySnapshotter {
             mkdir_mode(&snapshots, 0o700)?;
         }
         let extra_options = extra_overlay_options(&opts.mount_options);
-        Ok(OverlaySnapshotter {
+        let sn = OverlaySnapshotter {
             root: root.to_path_buf(),
             ms,
             opts,
             extra_options,
-        })
+            fs,
+        };
+        sn.restore_remote()?;
+        Ok(sn)
+    }
+
+    pub(crate) fn filesystem(&self) -> Option<&Arc<dyn FileSystem>> {
+        self.fs.as_ref()
+    }
+
+    pub(crate) fn store(&self) -> &MetaStore {
+        &self.ms
+    }
+
+    /// Commit; `usage` false skips the disk walk (remote layers: their files are not ours).
+    pub(crate) fn commit_inner(
+        &self,
+        name: &str,
+        key: &str,
+        opts: &CommitOpts,
+        usage: bool,
+    ) -> Result<()> {
+        self.ms.write(|tx| {
+            let (id, _, stored) = tx.get_info(key)?;
+            let usage = if usage {
+                disk_usage(&self.upper_dir(&id))?
+            } else {
+                stored
+            };
+            tx.commit_active(key, name, usage, opts)
+        })?;
+        Ok(())
     }
 
     /// The root directory.
@@ -179,14 +223,6 @@ impl OverlaySnapshotter {
         }
         Ok(out)
     }
-
-    fn remove_dirs(dirs: Vec<PathBuf>) {
-        for dir in dirs {
-            if let Err(err) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(path = %dir.display(), %err, "failed to remove snapshot directory");
-            }
-        }
-    }
 }
 
 impl Snapshotter for OverlaySnapshotter {
@@ -214,24 +250,28 @@ impl Snapshotter for OverlaySnapshotter {
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let snap = self.ms.read(|tx| tx.get_snapshot(key))?;
+        self.check_available(key)?;
         Ok(self.mounts_of(&snap))
     }
 
     fn prepare(&self, key: &str, parent: &str, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
+        let mounts = self.create(Kind::Active, key, parent, labels)?;
+        if wants_remote(Kind::Active, labels) {
+            // Err(AlreadyExists) when the layer was mounted remotely; Ok to fall back.
+            self.try_prepare_remote(key, labels)?;
+        }
+        self.check_available(parent)?;
+        Ok(mounts)
     }
 
     fn view(&self, key: &str, parent: &str, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
+        let mounts = self.create(Kind::View, key, parent, labels)?;
+        self.check_available(parent)?;
+        Ok(mounts)
     }
 
     fn commit(&self, name: &str, key: &str, opts: &CommitOpts) -> Result<()> {
-        self.ms.write(|tx| {
-            let (id, _, _) = tx.get_info(key)?;
-            let usage = disk_usage(&self.upper_dir(&id))?;
-            tx.commit_active(key, name, usage, opts)
-        })?;
-        Ok(())
+        self.commit_inner(name, key, opts, true)
     }
 
     fn remove(&self, key: &str) -> Result<()> {
@@ -246,7 +286,7 @@ impl Snapshotter for OverlaySnapshotter {
                 }
             })
             .map_err(|e| e.context("failed to remove"))?;
-        Self::remove_dirs(dirs);
+        self.remove_dirs(dirs);
         Ok(())
     }
 
@@ -268,11 +308,14 @@ impl Snapshotter for OverlaySnapshotter {
 
     fn cleanup(&self) -> Result<()> {
         let dirs = self.ms.write(|tx| self.cleanup_dirs(tx))?;
-        Self::remove_dirs(dirs);
+        self.remove_dirs(dirs);
         Ok(())
     }
 
     fn close(&self) -> Result<()> {
+        if let Err(e) = self.unmount_remote() {
+            tracing::warn!(error = %e, "cannot unmount remote snapshots on close");
+        }
         self.ms.close()
     }
 

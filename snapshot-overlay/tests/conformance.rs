@@ -1,6 +1,10 @@
 //! snapshot-core's conformance suite (containerd's snapshotter testsuite and strata's contract
 //! checks) against the overlay snapshotter, with synchronous and with asynchronous remove as
-//! containerd 1.6 runs it. Needs root and overlayfs.
+//! containerd 1.6 runs it, and as a remote snapshotter (with a backing file system). Needs root
+//! and overlayfs.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+mod common;
 
 use std::io;
 use std::path::Path;
@@ -45,6 +49,24 @@ mod async_remove {
 
     fn factory(root: &Path) -> Result<Box<dyn Snapshotter>> {
         open(root, true)
+    }
+
+    snapshot_core::snapshotter_conformance!(factory, &RootfsMounter);
+}
+
+mod with_backing_filesystem {
+    use super::*;
+    use std::sync::Arc;
+
+    fn factory(root: &Path) -> Result<Box<dyn Snapshotter>> {
+        let store = root.with_extension("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let fs = Arc::new(common::StoreFs::new(&store));
+        Ok(Box::new(OverlaySnapshotter::open_with_filesystem(
+            root,
+            Options::default(),
+            Some(fs),
+        )?))
     }
 
     snapshot_core::snapshotter_conformance!(factory, &RootfsMounter);
