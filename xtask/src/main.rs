@@ -125,9 +125,65 @@ fn check_core_dependencies(cargo: &str) -> Result<()> {
     Ok(())
 }
 
+/// Debian packages the tests need: (a command they provide, the package).
+const TEST_PACKAGES: &[(&str, &str)] = &[];
+
+/// Installs the packages of `wanted` whose command is missing (`apt-get`, as root), then fails
+/// with the names of any that are still missing.
+fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
+    let on_path = |cmd: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(cmd).is_file()))
+            || std::path::Path::new(cmd).is_file()
+    };
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing missing packages: {}", missing.join(" "));
+    // dpkg may be locked by another apt run: retry for a while.
+    let mut updated = false;
+    for attempt in 0..20 {
+        if !updated {
+            updated = Command::new("apt-get")
+                .args(["update", "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+        let status = Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("cannot run apt-get")?;
+        if status.success() {
+            break;
+        }
+        eprintln!("xtask: apt-get failed ({status}), retrying ({attempt})");
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+    let still: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "required packages could not be installed: {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
 fn test() -> Result<()> {
     require_root()?;
     require_kernel_features()?;
+    ensure_packages(TEST_PACKAGES)?;
     let cargo = cargo();
     check_core_dependencies(&cargo)?;
     run(&cargo, &["fmt", "--all", "--", "--check"])?;
