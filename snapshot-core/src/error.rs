@@ -68,6 +68,9 @@ pub enum Error {
     /// The metadata store failed.
     #[error("metadata store: {0}")]
     Store(String),
+    /// Any other failure (e.g. reported by a plugin or a remote peer without a kind).
+    #[error("{0}")]
+    Other(String),
 }
 
 impl Error {
@@ -80,7 +83,7 @@ impl Error {
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::NotImplemented(_) => ErrorKind::NotImplemented,
-            Error::Io { .. } | Error::Store(_) => ErrorKind::Unknown,
+            Error::Io { .. } | Error::Store(_) | Error::Other(_) => ErrorKind::Unknown,
         }
     }
 
@@ -95,7 +98,7 @@ impl Error {
             ErrorKind::InvalidArgument => Error::InvalidArgument(m),
             ErrorKind::Unavailable => Error::Unavailable(m),
             ErrorKind::NotImplemented => Error::NotImplemented(m),
-            ErrorKind::Unknown => Error::Store(m),
+            ErrorKind::Unknown => Error::Other(m),
         }
     }
 
@@ -123,7 +126,8 @@ impl Error {
                     | Error::InvalidArgument(m)
                     | Error::Unavailable(m)
                     | Error::NotImplemented(m)
-                    | Error::Store(m) => m.clone(),
+                    | Error::Store(m)
+                    | Error::Other(m) => m.clone(),
                     Error::Io { .. } => String::new(),
                 };
                 Error::from_kind(kind, format!("{context}: {msg}"))

@@ -1,5 +1,7 @@
 //! Developer commands: `cargo xtask test` (what CI runs) and `cargo xtask bench <name>`.
 
+mod plugins;
+
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
@@ -8,6 +10,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   test               install missing system packages, check formatting and lints, build and run every test
+  test-plugins       build every plugin, install it into a fresh plugins dir, run the plugin conformance
+                     suite through the real loader, and check the deliberately broken test plugins
   bench snapshots    prepare+commit, stat and walk over 10,000 snapshots (release build)";
 
 fn main() -> ExitCode {
@@ -15,6 +19,7 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["test"] => test(),
+        ["test-plugins"] => plugins::test_plugins(),
         ["bench", name] => bench(name),
         _ => {
             eprintln!("{USAGE}");
@@ -204,6 +209,7 @@ fn test() -> Result<()> {
         &["test", "--workspace", "--all-targets", "--all-features"],
     )?;
     run(&cargo, &["test", "--workspace", "--doc", "--all-features"])?;
+    plugins::test_plugins()?;
     Ok(())
 }
 
