@@ -36,7 +36,7 @@ pub mod model {
 }
 
 /// Label naming the layer (its digest, `sha256:<hex>`) a strata snapshotter asks a plugin to mount.
-pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/remote/strata.layer-digest";
+pub const LABEL_LAYER_DIGEST: &str = snapshot_core::LABEL_LAYER_DIGEST;
 
 /// stargz-snapshotter's label with the layer digest.
 pub const LABEL_STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";

@@ -299,10 +299,13 @@ fn remote_snapshotter_end_to_end() {
 /// whose lower directories are the plugin's mounts shows the merged files, whiteouts and opaque
 /// directories applied.
 ///
-/// LEAD: extend this to go through `OverlaySnapshotter` with `case.fs` once it takes a
-/// `FileSystem`: prepare each layer with the target-ref label and the layer-digest label
-/// (expect "already exists" and a remote snapshot), then view on top and mount it.
+/// Through the remote snapshotter: each layer is prepared with the target-ref label and the
+/// plugin's layer labels, so `OverlaySnapshotter` asks the plugin to mount it and answers
+/// "already exists"; a view on top is an overlay of the plugin mounts showing the merged files.
 fn remote_snapshotter_end_to_end_with(case: &Case) {
+    use snapshot_core::{LABEL_REMOTE, LABEL_TARGET_REF, Snapshotter};
+    use snapshot_overlay::{Options, OverlaySnapshotter};
+
     let scratch = tempfile::tempdir().unwrap();
     let lower_labels = case.backend.add_layer(&[
         Entry::File("a.txt", "a from lower\n".into()),
@@ -316,20 +319,26 @@ fn remote_snapshotter_end_to_end_with(case: &Case) {
         Entry::OpaqueDir("d"),
         Entry::File("d/y", "y from upper\n".into()),
     ]);
-    let (lower, _g1) = mountpoint(scratch.path(), "lower");
-    let (upper, _g2) = mountpoint(scratch.path(), "upper");
-    let (merged, _g3) = mountpoint(scratch.path(), "merged");
-    case.fs.mount(&lower, &lower_labels).unwrap();
-    case.fs.mount(&upper, &upper_labels).unwrap();
-    let options = format!("lowerdir={}:{}", upper.display(), lower.display());
-    mount(
-        Some("overlay"),
-        &merged,
-        Some("overlay"),
-        MsFlags::MS_RDONLY,
-        Some(options.as_str()),
+    let sn = OverlaySnapshotter::open_with_filesystem(
+        &scratch.path().join("root"),
+        Options::default(),
+        Some(case.fs.clone()),
     )
     .unwrap();
+    for (key, parent, target, labels) in [
+        ("extract-1", "", "chain-1", &lower_labels),
+        ("extract-2", "chain-1", "chain-2", &upper_labels),
+    ] {
+        let mut labels = labels.clone();
+        labels.insert(LABEL_TARGET_REF.into(), target.into());
+        let err = sn.prepare(key, parent, &labels).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{}: {err}", case.plugin);
+        let info = sn.stat(target).unwrap();
+        assert!(info.labels.contains_key(LABEL_REMOTE), "{}: {target} is remote", case.plugin);
+    }
+    let view = sn.view("view", "chain-2", &Labels::new()).unwrap();
+    let (merged, _g) = mountpoint(scratch.path(), "merged");
+    let guard = rootfs::mount::MountGuard::mount(&view, &merged).unwrap();
 
     let mut names: Vec<String> = fs::read_dir(&merged)
         .unwrap()
@@ -354,10 +363,13 @@ fn remote_snapshotter_end_to_end_with(case: &Case) {
         fs::metadata(merged.join("a.txt")).unwrap_err().kind(),
         IoKind::NotFound
     );
-
-    nix::mount::umount2(&merged, nix::mount::MntFlags::empty()).unwrap();
-    case.fs.unmount(&upper).unwrap();
-    case.fs.unmount(&lower).unwrap();
+    guard.unmount().unwrap();
+    for key in ["view", "chain-2", "chain-1"] {
+        sn.remove(key).unwrap();
+    }
+    let left = fs::read_dir(scratch.path().join("root/snapshots")).unwrap().count();
+    assert_eq!(left, 0, "{}: removing remote snapshots unmounts and deletes them", case.plugin);
+    sn.close().unwrap();
 }
 
 /// The `local` plugin's backend: its layer store, `<store>/sha256/<hex>/`.

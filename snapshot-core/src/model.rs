@@ -19,6 +19,9 @@ pub const MAX_LABEL_SIZE: usize = 4096;
 pub const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
 /// Label marking a snapshot whose content is mounted by a backing file system.
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+/// Label naming the layer (blob) digest a backing file system should mount (strata's own; the
+/// key of a layer store).
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/remote/strata.layer-digest";
 /// Label synthesised by the overlay snapshotter with a snapshot's upper directory.
 pub const LABEL_OVERLAY_UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
 
@@ -42,7 +45,9 @@ pub fn is_inherited_label(key: &str) -> bool {
 }
 
 /// The kind of a snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub enum Kind {
     /// Not a valid kind (what an unknown string parses to).
     #[default]

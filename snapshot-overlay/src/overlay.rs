@@ -312,10 +312,9 @@ impl Snapshotter for OverlaySnapshotter {
         Ok(())
     }
 
+    /// Closes the metadata store. Remote layers stay mounted (they are unmounted when their
+    /// snapshot is removed; the next open checks and, if needed, remounts them).
     fn close(&self) -> Result<()> {
-        if let Err(e) = self.unmount_remote() {
-            tracing::warn!(error = %e, "cannot unmount remote snapshots on close");
-        }
         self.ms.close()
     }
 

@@ -126,28 +126,39 @@ impl OverlaySnapshotter {
         Ok(())
     }
 
-    /// After a restart: detach stale mounts under `snapshots/` and mount every remote snapshot
-    /// again from its stored labels. A layer that cannot be mounted is logged and left to fail
-    /// its availability check (like containerd's `allow_invalid_mounts_on_restart`), so one bad
-    /// layer does not keep the snapshotter from starting.
+    /// On open: makes every remote snapshot usable again from its stored labels. A layer that is
+    /// still mounted and passes its check is kept (another process, e.g. an earlier `strata`
+    /// command, mounted it); a stale mount is detached and mounted again; a layer that cannot be
+    /// mounted is logged and left to fail its availability check (like containerd's
+    /// `allow_invalid_mounts_on_restart`), so one bad layer does not keep the snapshotter from
+    /// starting.
     pub(crate) fn restore_remote(&self) -> Result<()> {
         let Some(fs) = self.filesystem() else {
             return Ok(());
         };
-        force_unmount_under(&self.root().join("snapshots"));
-        let mut remote = Vec::new();
         let ids = self.store().read(|tx| tx.id_map())?;
-        self.walk(&[&format!("labels.\"{LABEL_REMOTE}\"")], &mut |info| {
-            remote.push(info.clone());
-            Ok(())
-        })?;
         let by_name: std::collections::HashMap<&String, &String> =
             ids.iter().map(|(id, k)| (k, id)).collect();
+        let mut remote = Vec::new();
+        self.store().read(|tx| {
+            let filter =
+                snapshot_core::filter::Filter::parse(&[&format!("labels.\"{LABEL_REMOTE}\"")])?;
+            tx.walk(&filter, &mut |info| {
+                remote.push(info.clone());
+                Ok(())
+            })
+        })?;
         for info in remote {
             let Some(id) = by_name.get(&info.name) else {
                 continue;
             };
             let fs_dir = self.upper_dir(id);
+            if is_mount_point(&fs_dir) {
+                if fs.check(&fs_dir, &info.labels).is_ok() {
+                    continue;
+                }
+                force_unmount_under(&fs_dir);
+            }
             if let Err(e) = std::fs::create_dir_all(&fs_dir) {
                 tracing::warn!(path = %fs_dir.display(), error = %e, "cannot recreate remote snapshot directory");
                 continue;
@@ -157,23 +168,6 @@ impl OverlaySnapshotter {
                 Err(e) => {
                     tracing::warn!(snapshot = %info.name, error = %e, "cannot restore remote snapshot; it will be unavailable")
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Unmounts every remote snapshot (on close).
-    pub(crate) fn unmount_remote(&self) -> Result<()> {
-        let Some(fs) = self.filesystem() else {
-            return Ok(());
-        };
-        let ids = self.store().read(|tx| tx.id_map())?;
-        for (id, _) in ids {
-            let dir = self.upper_dir(&id);
-            if is_mount_point(&dir)
-                && let Err(e) = fs.unmount(&dir)
-            {
-                tracing::warn!(path = %dir.display(), error = %e, "cannot unmount remote snapshot");
             }
         }
         Ok(())
