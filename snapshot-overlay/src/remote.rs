@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, umount2};
 use snapshot_core::{
-    CommitOpts, Error, ErrorKind, Kind, LABEL_REMOTE, LABEL_TARGET_REF, Labels, Result, Snapshotter,
+    CommitOpts, Error, ErrorKind, Kind, LABEL_REMOTE, LABEL_TARGET_REF, Labels, Result,
 };
 
 use crate::OverlaySnapshotter;
