@@ -332,9 +332,18 @@ fn remote_snapshotter_end_to_end_with(case: &Case) {
         let mut labels = labels.clone();
         labels.insert(LABEL_TARGET_REF.into(), target.into());
         let err = sn.prepare(key, parent, &labels).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{}: {err}", case.plugin);
+        assert_eq!(
+            err.kind(),
+            ErrorKind::AlreadyExists,
+            "{}: {err}",
+            case.plugin
+        );
         let info = sn.stat(target).unwrap();
-        assert!(info.labels.contains_key(LABEL_REMOTE), "{}: {target} is remote", case.plugin);
+        assert!(
+            info.labels.contains_key(LABEL_REMOTE),
+            "{}: {target} is remote",
+            case.plugin
+        );
     }
     let view = sn.view("view", "chain-2", &Labels::new()).unwrap();
     let (merged, _g) = mountpoint(scratch.path(), "merged");
@@ -367,8 +376,14 @@ fn remote_snapshotter_end_to_end_with(case: &Case) {
     for key in ["view", "chain-2", "chain-1"] {
         sn.remove(key).unwrap();
     }
-    let left = fs::read_dir(scratch.path().join("root/snapshots")).unwrap().count();
-    assert_eq!(left, 0, "{}: removing remote snapshots unmounts and deletes them", case.plugin);
+    let left = fs::read_dir(scratch.path().join("root/snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        left, 0,
+        "{}: removing remote snapshots unmounts and deletes them",
+        case.plugin
+    );
     sn.close().unwrap();
 }
 

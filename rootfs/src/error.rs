@@ -36,6 +36,9 @@ pub enum Error {
     /// The request is malformed (unknown mount kind, overlay without lowerdir, ...).
     #[error("{0}")]
     InvalidArgument(String),
+    /// Something named by the request does not exist (a blob, an image, a tag, ...).
+    #[error("{0}: not found")]
+    NotFound(String),
     /// The request is valid but this implementation does not support it (yet).
     #[error("{0}: not supported")]
     Unsupported(String),
@@ -86,6 +89,7 @@ impl Error {
             | Error::Io { source, .. } => io_kind(source),
             Error::NotMounted(_) => ErrorKind::FailedPrecondition,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::NotFound(_) => ErrorKind::NotFound,
             Error::Unsupported(_) => ErrorKind::NotImplemented,
             Error::DigestMismatch { .. } => ErrorKind::FailedPrecondition,
             Error::InvalidArchive(_) => ErrorKind::InvalidArgument,

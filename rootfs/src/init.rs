@@ -11,7 +11,12 @@ use crate::{Error, Result};
 /// Directories every Linux container expects (created 0755 in the init layer).
 const INIT_DIRS: &[&str] = &["dev", "dev/pts", "dev/shm", "proc", "sys", "etc"];
 /// Empty files the runtime bind-mounts over (created 0644 in the init layer).
-const INIT_FILES: &[&str] = &["dev/console", "etc/resolv.conf", "etc/hosts", "etc/hostname"];
+const INIT_FILES: &[&str] = &[
+    "dev/console",
+    "etc/resolv.conf",
+    "etc/hosts",
+    "etc/hostname",
+];
 
 /// The name of the init layer of `parent`.
 pub fn init_layer_name(parent: &str) -> String {
@@ -132,9 +137,9 @@ pub fn init_rootfs(
 ) -> Result<Vec<Mount>> {
     match sn.stat(name) {
         Ok(_) => {
-            return Err(Error::Snapshot(snapshot_core::Error::AlreadyExists(format!(
-                "rootfs {name:?}"
-            ))));
+            return Err(Error::Snapshot(snapshot_core::Error::AlreadyExists(
+                format!("rootfs {name:?}"),
+            )));
         }
         Err(e) if e.is(ErrorKind::NotFound) => {}
         Err(e) => return Err(e.into()),

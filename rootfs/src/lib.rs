@@ -15,13 +15,20 @@
 //! # }
 //! ```
 
+pub mod applier;
+pub mod apply;
+pub mod content;
+pub mod diff;
 mod error;
+pub mod export;
 mod init;
 mod layer;
 pub mod mount;
+mod snapshot_diff;
 pub mod unpack;
 
 pub use error::{Error, Result};
 pub use init::{init_layer_name, init_rootfs};
 pub use layer::{Applier, Layer};
+pub use snapshot_diff::diff;
 pub use unpack::{LayerOutcome, UnpackOpts, Unpacker, apply_layer, apply_layers};

@@ -7,7 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use snapshot_core::identity::{Digest, chain_id, chain_ids, parse_digest};
 use snapshot_core::{
-    CommitOpts, ErrorKind, LABEL_TARGET_REF, Labels, Mount, Snapshotter, is_inherited_label,
+    CommitOpts, ErrorKind, LABEL_LAYER_DIGEST, LABEL_TARGET_REF, Labels, Mount, Snapshotter,
+    is_inherited_label,
 };
 
 use crate::{Applier, Error, Layer, Result};
@@ -97,6 +98,7 @@ fn extract_labels(
     if target {
         labels.insert(LABEL_TARGET_REF.into(), chain.to_string());
     }
+    labels.insert(LABEL_LAYER_DIGEST.into(), layer.blob.digest().to_string());
     labels.insert(LABEL_DIFF_ID.into(), diff_id(layer)?.to_string());
     if let Some(p) = parent {
         labels.insert(LABEL_PARENT_CHAIN_ID.into(), p.to_string());

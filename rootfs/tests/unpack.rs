@@ -42,7 +42,12 @@ impl Applier for ScriptedApplier {
 }
 
 fn desc(mt: MediaType, d: &Digest) -> Descriptor {
-    DescriptorBuilder::default().media_type(mt).digest(d.clone()).size(1u64).build().unwrap()
+    DescriptorBuilder::default()
+        .media_type(mt)
+        .digest(d.clone())
+        .size(1u64)
+        .build()
+        .unwrap()
 }
 
 /// `n` layers with distinct blob and diff digests, and an applier scripted for them.
@@ -58,7 +63,11 @@ fn image(n: usize) -> (Vec<Layer>, ScriptedApplier) {
             blob: desc(MediaType::ImageLayerGzip, &blob),
         });
     }
-    let applier = ScriptedApplier { script, calls: AtomicUsize::new(0), fail_on: Mutex::new(None) };
+    let applier = ScriptedApplier {
+        script,
+        calls: AtomicUsize::new(0),
+        fail_on: Mutex::new(None),
+    };
     (layers, applier)
 }
 
@@ -83,18 +92,35 @@ fn check_chain(sn: &dyn Snapshotter, layers: &[Layer]) {
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let parent = if i == 0 { String::new() } else { chains[i - 1].to_string() };
+            let parent = if i == 0 {
+                String::new()
+            } else {
+                chains[i - 1].to_string()
+            };
             (c.to_string(), Kind::Committed, parent)
         })
         .collect();
     expected.sort();
-    assert_eq!(names(sn), expected, "exactly one committed snapshot per chain ID, with the right parents and no extraction leftovers");
+    assert_eq!(
+        names(sn),
+        expected,
+        "exactly one committed snapshot per chain ID, with the right parents and no extraction leftovers"
+    );
     // Every layer's file is visible in a view of the top.
-    let m = sn.view("check-view", chains.last().unwrap().as_ref(), &Labels::new()).unwrap();
+    let m = sn
+        .view(
+            "check-view",
+            chains.last().unwrap().as_ref(),
+            &Labels::new(),
+        )
+        .unwrap();
     let target = tempfile::tempdir().unwrap();
     let g = rootfs::mount::MountGuard::mount(&m, target.path()).unwrap();
     for i in 0..layers.len() {
-        assert!(target.path().join(format!("layer-{i}")).exists(), "layer-{i} visible");
+        assert!(
+            target.path().join(format!("layer-{i}")).exists(),
+            "layer-{i} visible"
+        );
     }
     g.unmount().unwrap();
     sn.remove("check-view").unwrap();
@@ -109,11 +135,16 @@ fn apply_layers_commits_one_snapshot_per_chain_id_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let sn = OverlaySnapshotter::open(dir.path(), Options::default()).unwrap();
     let (layers, applier) = image(3);
-    let top = Unpacker::new().apply_layers(&layers, &sn, &applier, &sequential()).unwrap();
+    let top = Unpacker::new()
+        .apply_layers(&layers, &sn, &applier, &sequential())
+        .unwrap();
     assert_eq!(&top, chain_ids(&diff_ids(&layers)).last().unwrap());
     check_chain(&sn, &layers);
     let info = sn.stat(top.as_ref()).unwrap();
-    assert_eq!(info.labels[rootfs::unpack::LABEL_DIFF_ID], layers[2].diff.digest().to_string());
+    assert_eq!(
+        info.labels[rootfs::unpack::LABEL_DIFF_ID],
+        layers[2].diff.digest().to_string()
+    );
 }
 
 #[test]
@@ -122,7 +153,9 @@ fn parallel_unpack_gives_the_same_chain() {
     let sn = OverlaySnapshotter::open(dir.path(), Options::default()).unwrap();
     assert!(sn.capabilities().contains(&"rebase".to_string()));
     let (layers, applier) = image(5);
-    let top = Unpacker::new().apply_layers(&layers, &sn, &applier, &UnpackOpts { max_parallel: 3 }).unwrap();
+    let top = Unpacker::new()
+        .apply_layers(&layers, &sn, &applier, &UnpackOpts { max_parallel: 3 })
+        .unwrap();
     assert_eq!(&top, chain_ids(&diff_ids(&layers)).last().unwrap());
     assert_eq!(applier.calls.load(Ordering::SeqCst), 5);
     check_chain(&sn, &layers);
@@ -134,14 +167,26 @@ fn existing_chains_are_reused_never_unpacked_twice() {
     let sn = OverlaySnapshotter::open(dir.path(), Options::default()).unwrap();
     let (layers, applier) = image(4);
     let unpacker = Unpacker::new();
-    unpacker.apply_layers(&layers[..2], &sn, &applier, &sequential()).unwrap();
+    unpacker
+        .apply_layers(&layers[..2], &sn, &applier, &sequential())
+        .unwrap();
     assert_eq!(applier.calls.load(Ordering::SeqCst), 2);
-    unpacker.apply_layers(&layers, &sn, &applier, &UnpackOpts { max_parallel: 3 }).unwrap();
-    assert_eq!(applier.calls.load(Ordering::SeqCst), 4, "only the two missing layers are unpacked");
-    unpacker.apply_layers(&layers, &sn, &applier, &sequential()).unwrap();
+    unpacker
+        .apply_layers(&layers, &sn, &applier, &UnpackOpts { max_parallel: 3 })
+        .unwrap();
+    assert_eq!(
+        applier.calls.load(Ordering::SeqCst),
+        4,
+        "only the two missing layers are unpacked"
+    );
+    unpacker
+        .apply_layers(&layers, &sn, &applier, &sequential())
+        .unwrap();
     assert_eq!(applier.calls.load(Ordering::SeqCst), 4);
     let chains = chain_ids(&diff_ids(&layers));
-    let out = unpacker.apply_layer(&layers[1], Some(&chains[0]), &sn, &applier).unwrap();
+    let out = unpacker
+        .apply_layer(&layers[1], Some(&chains[0]), &sn, &applier)
+        .unwrap();
     assert_eq!(out, LayerOutcome::AlreadyPresent);
     check_chain(&sn, &layers);
 }
@@ -152,20 +197,39 @@ fn diff_id_mismatch_commits_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let sn = OverlaySnapshotter::open(dir.path(), Options::default()).unwrap();
         let (mut layers, applier) = image(3);
-        layers[1].diff = desc(MediaType::ImageLayer, &sha256_digest(b"not what the applier computes"));
+        layers[1].diff = desc(
+            MediaType::ImageLayer,
+            &sha256_digest(b"not what the applier computes"),
+        );
         let err = Unpacker::new()
-            .apply_layers(&layers, &sn, &applier, &UnpackOpts { max_parallel: parallel })
+            .apply_layers(
+                &layers,
+                &sn,
+                &applier,
+                &UnpackOpts {
+                    max_parallel: parallel,
+                },
+            )
             .unwrap_err();
         assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
         let left = names(&sn);
         let chains = chain_ids(&diff_ids(&layers));
         if parallel == 1 {
-            assert_eq!(left, vec![(chains[0].to_string(), Kind::Committed, String::new())], "only the good bottom layer");
+            assert_eq!(
+                left,
+                vec![(chains[0].to_string(), Kind::Committed, String::new())],
+                "only the good bottom layer"
+            );
         } else {
-            assert!(left.is_empty(), "parallel unpack commits nothing when a layer fails: {left:?}");
+            assert!(
+                left.is_empty(),
+                "parallel unpack commits nothing when a layer fails: {left:?}"
+            );
         }
         sn.cleanup().unwrap();
-        let dirs = std::fs::read_dir(dir.path().join("snapshots")).unwrap().count();
+        let dirs = std::fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .count();
         assert_eq!(dirs, left.len(), "no stray directory after cleanup");
     }
 }
@@ -176,7 +240,9 @@ fn failed_apply_removes_the_extraction_snapshot() {
     let sn = OverlaySnapshotter::open(dir.path(), Options::default()).unwrap();
     let (layers, applier) = image(2);
     *applier.fail_on.lock().unwrap() = Some(layers[1].blob.digest().to_string());
-    let err = Unpacker::new().apply_layers(&layers, &sn, &applier, &sequential()).unwrap_err();
+    let err = Unpacker::new()
+        .apply_layers(&layers, &sn, &applier, &sequential())
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert_eq!(names(&sn).len(), 1, "{:?}", names(&sn));
 }
@@ -189,10 +255,18 @@ fn concurrent_requests_for_the_same_chain_share_one_unpack() {
     let unpacker = Unpacker::new();
     std::thread::scope(|s| {
         for _ in 0..4 {
-            s.spawn(|| unpacker.apply_layers(&layers, &sn, &applier, &sequential()).unwrap());
+            s.spawn(|| {
+                unpacker
+                    .apply_layers(&layers, &sn, &applier, &sequential())
+                    .unwrap()
+            });
         }
     });
-    assert_eq!(applier.calls.load(Ordering::SeqCst), 3, "each layer unpacked once");
+    assert_eq!(
+        applier.calls.load(Ordering::SeqCst),
+        3,
+        "each layer unpacked once"
+    );
     check_chain(&sn, &layers);
 }
 
@@ -204,12 +278,21 @@ fn two_unpackers_racing_end_with_one_snapshot_per_chain() {
     let (layers, applier) = image(3);
     std::thread::scope(|s| {
         for _ in 0..3 {
-            s.spawn(|| Unpacker::new().apply_layers(&layers, &sn, &applier, &sequential()).unwrap());
+            s.spawn(|| {
+                Unpacker::new()
+                    .apply_layers(&layers, &sn, &applier, &sequential())
+                    .unwrap()
+            });
         }
     });
     check_chain(&sn, &layers);
     sn.cleanup().unwrap();
-    assert_eq!(std::fs::read_dir(dir.path().join("snapshots")).unwrap().count(), 3);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .count(),
+        3
+    );
 }
 
 #[test]

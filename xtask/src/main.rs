@@ -1,5 +1,6 @@
 //! Developer commands: `cargo xtask test` (what CI runs) and `cargo xtask bench <name>`.
 
+mod bench_serve;
 mod plugins;
 
 use std::process::{Command, ExitCode};
@@ -12,7 +13,9 @@ commands:
   test               install missing system packages, check formatting and lints, build and run every test
   test-plugins       build every plugin, install it into a fresh plugins dir, run the plugin conformance
                      suite through the real loader, and check the deliberately broken test plugins
-  bench snapshots    prepare+commit, stat and walk over 10,000 snapshots (release build)";
+  bench snapshots    prepare+commit, stat and walk over 10,000 snapshots (release build)
+  bench serve        `ctr images import` + unpack of an OS image into a private containerd: strata serve
+                     as proxy snapshotter vs containerd's overlayfs snapshotter (release build)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -131,7 +134,15 @@ fn check_core_dependencies(cargo: &str) -> Result<()> {
 }
 
 /// Debian packages the tests need: (a command they provide, the package).
-const TEST_PACKAGES: &[(&str, &str)] = &[];
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    // tests/containerd_e2e.rs: a private containerd 1.6 with strata as proxy snapshotter, a
+    // container run through runc, a static busybox inside the test image.
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("containerd-shim-runc-v2", "containerd"),
+    ("runc", "runc"),
+    ("busybox", "busybox-static"),
+];
 
 /// Installs the packages of `wanted` whose command is missing (`apt-get`, as root), then fails
 /// with the names of any that are still missing.
@@ -223,6 +234,7 @@ fn bench(name: &str) -> Result<()> {
                 &["bench", "-p", "snapshot-overlay", "--bench", "snapshots"],
             )
         }
+        "serve" => bench_serve::bench_serve(),
         other => bail!("unknown benchmark {other:?}\n{USAGE}"),
     }
 }

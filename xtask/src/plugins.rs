@@ -113,6 +113,10 @@ fn install_and_test(
         "plugin_conformance",
         "--test",
         "plugin_loading",
+        "-p",
+        "strata",
+        "--test",
+        "local_plugin",
     ];
     eprintln!(
         "xtask: running {cargo} {} with STRATA_PLUGINS_DIR={} STRATA_PLUGIN_CONFIGS={} STRATA_TEST_PLUGINS_DIR={}",

@@ -1,0 +1,226 @@
+//! The subcommands.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use rootfs::applier::ContentApplier;
+use rootfs::content::ContentStore;
+use rootfs::diff::Compression;
+use rootfs::{UnpackOpts, Unpacker};
+use snapshot_core::identity::Digest;
+use snapshot_core::{FileSystem, LABEL_REMOTE, Snapshotter};
+use snapshot_overlay::{Options, OverlaySnapshotter};
+
+use crate::image_ref::ImageRef;
+use crate::progress::Progress;
+use crate::{Cli, Command, CompressionArg, DEFAULT_ROOT};
+
+/// Where state lives and which backing file system (if any) provides layers.
+pub struct Settings {
+    /// The state directory.
+    pub root: PathBuf,
+    /// The configured backing file system.
+    pub filesystem: Option<Arc<dyn FileSystem>>,
+}
+
+fn settings(cli: &Cli) -> Result<Settings> {
+    let config = match &cli.config {
+        Some(path) => Some(
+            fs_plugin_api::config::Config::load(path)
+                .with_context(|| format!("config {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let root = cli
+        .root
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.root.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    let filesystem = match &config {
+        Some(c) => c
+            .filesystem()
+            .context("load the backing file system plugin")?,
+        None => None,
+    };
+    Ok(Settings { root, filesystem })
+}
+
+/// Opens the overlay snapshotter of `settings` (remote-capable when a file system is set).
+pub fn open_snapshotter(settings: &Settings) -> Result<OverlaySnapshotter> {
+    OverlaySnapshotter::open_with_filesystem(
+        &settings.root,
+        Options::default(),
+        settings.filesystem.clone(),
+    )
+    .with_context(|| format!("open snapshotter at {}", settings.root.display()))
+}
+
+/// Unpacks `image` into `sn` with progress output; returns the top chain ID.
+pub fn unpack(sn: &dyn Snapshotter, image: &ImageRef, remote: bool) -> Result<Digest> {
+    let store = ContentStore::open(&image.layout)
+        .with_context(|| format!("open image layout {}", image.layout.display()))?;
+    let img = store
+        .resolve(image.reference.as_deref())
+        .with_context(|| format!("resolve image in {}", image.layout.display()))?;
+    let progress = Progress::new();
+    let applier = ContentApplier::new(store).with_progress(progress.callback());
+    // Remote layers are only tried in ordered mode (they need each layer's parent).
+    let opts = if remote {
+        UnpackOpts { max_parallel: 1 }
+    } else {
+        UnpackOpts::default()
+    };
+    let chain = Unpacker::new()
+        .apply_layers(&img.layers, sn, &applier, &opts)
+        .context("unpack")?;
+    Ok(chain)
+}
+
+fn default_name(target: &Path) -> Result<String> {
+    let abs = std::fs::canonicalize(target)
+        .with_context(|| format!("mount point {}", target.display()))?;
+    Ok(format!("mount:{}", abs.display()))
+}
+
+/// Runs the command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let settings = settings(&cli)?;
+    match cli.command {
+        Command::Unpack { image } => {
+            let sn = open_snapshotter(&settings)?;
+            let chain = unpack(&sn, &ImageRef::parse(&image), settings.filesystem.is_some())?;
+            println!("{chain}");
+            sn.close()?;
+        }
+        Command::Mount {
+            image,
+            target,
+            rw,
+            name,
+        } => {
+            require_root()?;
+            let sn = open_snapshotter(&settings)?;
+            let chain = unpack(&sn, &ImageRef::parse(&image), settings.filesystem.is_some())?;
+            let name = match name {
+                Some(n) => n,
+                None => default_name(&target)?,
+            };
+            let mounts = rootfs::init_rootfs(&name, chain.as_ref(), !rw, &sn)
+                .with_context(|| format!("create rootfs {name:?}"))?;
+            // The mount outlives this process; `strata umount` undoes it.
+            rootfs::mount::mount_all(&mounts, &target)?;
+            println!("{name}");
+            sn.close()?;
+        }
+        Command::Umount { target, rm, name } => {
+            let name = match name {
+                Some(n) => n,
+                None => default_name(&target)?,
+            };
+            rootfs::mount::unmount(&target)?;
+            if rm {
+                let sn = open_snapshotter(&settings)?;
+                sn.remove(&name)
+                    .with_context(|| format!("remove {name:?}"))?;
+                sn.close()?;
+            }
+        }
+        Command::Diff {
+            name,
+            out,
+            compression,
+        } => {
+            let sn = open_snapshotter(&settings)?;
+            let store = ContentStore::create(&out)
+                .with_context(|| format!("open output layout {}", out.display()))?;
+            let compression = match compression {
+                CompressionArg::Gzip => Compression::Gzip,
+                CompressionArg::Zstd => Compression::Zstd,
+                CompressionArg::None => Compression::None,
+            };
+            let diff = rootfs::diff(&name, &sn, &store, compression)
+                .with_context(|| format!("diff {name:?}"))?;
+            println!("{}", serde_json::to_string_pretty(&diff.blob)?);
+            sn.close()?;
+        }
+        Command::Export { to, image } => {
+            let image = ImageRef::parse(&image);
+            let store = ContentStore::open(&image.layout)
+                .with_context(|| format!("open image layout {}", image.layout.display()))?;
+            let img = store.resolve(image.reference.as_deref())?;
+            for layer in &img.layers {
+                let what = rootfs::export::export_layer(&store, layer, &to)
+                    .with_context(|| format!("export layer {}", layer.blob.digest()))?;
+                let dir = rootfs::export::layer_dir(&to, layer.blob.digest());
+                println!("{} {:?}", dir.display(), what);
+            }
+        }
+        Command::Ls => {
+            let sn = open_snapshotter(&settings)?;
+            println!("{:<72} {:<10} {:<8} PARENT", "NAME", "KIND", "REMOTE");
+            sn.walk(&[], &mut |info| {
+                let remote = if info.labels.contains_key(LABEL_REMOTE) {
+                    "remote"
+                } else {
+                    "-"
+                };
+                println!(
+                    "{:<72} {:<10} {:<8} {}",
+                    info.name,
+                    info.kind.to_string(),
+                    remote,
+                    info.parent
+                );
+                Ok(())
+            })?;
+            sn.close()?;
+        }
+        Command::Rm { name } => {
+            let sn = open_snapshotter(&settings)?;
+            sn.remove(&name)?;
+            sn.close()?;
+        }
+        Command::Usage { name } => {
+            let sn = open_snapshotter(&settings)?;
+            let u = sn.usage(&name)?;
+            println!("size={} inodes={}", u.size, u.inodes);
+            sn.close()?;
+        }
+        Command::Demo { image } => {
+            require_root()?;
+            crate::demo::run(&settings, image.as_deref())?
+        }
+        Command::Serve {
+            address,
+            async_remove,
+        } => {
+            let opts = crate::serve::ServeOpts {
+                address: &address,
+                async_remove,
+            };
+            crate::serve::run(&settings, &opts)?
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless running as root (mounting needs it).
+pub fn require_root() -> Result<()> {
+    if !is_root() {
+        bail!("this command mounts file systems and must run as root");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(|u| u == "0")
+        })
+        .unwrap_or(false)
+}
