@@ -717,17 +717,8 @@ fn overlay_differ_matches_the_walking_differ_on_a_real_overlay() {
     .unwrap();
     assert_eq!(walked, walking);
     guard.unmount().unwrap();
-    // The temporary mount points are gone.
-    let leftovers: Vec<_> = fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("strata-diff-upper-{}-", std::process::id()))
-        })
-        .collect();
-    assert!(leftovers.is_empty());
+    // (Temporary mount points are not checked here: tests of this file run in parallel in
+    // one process and create them concurrently.)
 }
 
 trait CharDeviceLike {
