@@ -6,7 +6,8 @@
 //! of its files plus a top layer that deletes and rewrites some of them, written once to
 //! `target/bench-serve/os-image.tar` and reused. Content is imported once without unpacking
 //! (untimed, kept by its own namespace), so each timed import measures the unpack through the
-//! snapshotter, not the ingest of blobs.
+//! snapshotter, not the ingest of blobs. Every timed import starts cold (sync, page cache
+//! dropped), which removes an order effect seen otherwise (the run after a GC was slower).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -23,8 +24,8 @@ use sha2::{Digest, Sha256};
 const IMAGE: &str = "docker.io/library/strata-bench-os:latest";
 /// Layers made from those files (plus one top layer of changes).
 const BASE_LAYERS: usize = 6;
-/// Timed imports per snapshotter.
-const ROUNDS: usize = 5;
+/// Timed imports per snapshotter (even: each snapshotter goes first equally often).
+const ROUNDS: usize = 6;
 /// Bound on one `ctr` call.
 const CTR_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -34,18 +35,14 @@ pub fn bench_serve() -> Result<()> {
     super::require_kernel_features()?;
     super::ensure_packages(&[("containerd", "containerd"), ("runc", "runc")])?;
     let cargo = super::cargo();
-    if std::env::var_os("TMP_STRATA_BIN").is_none() {
-        super::run(
-            &cargo,
-            &["build", "--release", "-p", "strata", "--bin", "strata"],
-        )?;
-    }
+    super::run(
+        &cargo,
+        &["build", "--release", "-p", "strata", "--bin", "strata"],
+    )?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| super::workspace_root().join("target"));
-    let strata = std::env::var_os("TMP_STRATA_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target.join("release/strata"));
+    let strata = target.join("release/strata");
     let cache = target.join("bench-serve");
     std::fs::create_dir_all(&cache).with_context(|| format!("create {}", cache.display()))?;
     let archive = cache.join("os-image.tar");
@@ -131,7 +128,7 @@ pub fn bench_serve() -> Result<()> {
         for i in order {
             let snapshotter = times[i].0;
             let ns = format!("bench-{snapshotter}-{round}");
-            sync();
+            settle();
             let cpu_before = (cpu_seconds(strata_pid), cpu_seconds(containerd_pid));
             let t = ctr(
                 &ns,
@@ -189,11 +186,21 @@ fn cpu_seconds(pid: u32) -> f64 {
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
-fn sync() {
+/// Starts every import from the same state: the previous one's writes and deletes flushed, the
+/// page cache dropped (so the archive and the content store are read cold each time), a pause.
+fn settle() {
     let _ = Command::new("sync").status();
+    if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
+        eprintln!("xtask: cannot drop the page cache: {e}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
 }
 
 /// A temp dir for the run, removed (after unmounting what is left under it) when dropped.
