@@ -12,6 +12,8 @@
 //! `xtask/src/plugins.rs`.
 
 mod common;
+#[path = "common/nfs_server.rs"]
+mod nfs_server;
 
 use std::{
     collections::BTreeSet,
@@ -29,7 +31,6 @@ use common::{is_empty_dir, is_mount_point, mountpoint};
 use fs_plugin_api::{PluginRegistry, config::Config};
 use nix::{
     errno::Errno,
-    mount::{MsFlags, mount},
     sys::stat::{Mode, SFlag, makedev, mknod},
 };
 use snapshot_core::{ErrorKind, FileSystem, Labels};
@@ -65,6 +66,7 @@ trait Backend: Send + Sync {
 fn backend_for(plugin: &str, options: &serde_json::Value) -> Box<dyn Backend> {
     match plugin {
         "local" => Box::new(LocalStore::new(options)),
+        "nfs" => Box::new(NfsStore::new(options)),
         other => panic!(
             "no conformance backend for plugin {other:?}: add one to `backend_for` in {}",
             file!()
@@ -464,5 +466,60 @@ impl Backend for LocalStore {
 
     fn unknown_layer(&self) -> Labels {
         digest_labels(&unique_digest())
+    }
+}
+
+/// The `nfs` plugin's backend: a layer store (the same layout as `local`'s, plus the metadata
+/// index `strata export` writes) exported by a real nfs-ganesha on 127.0.0.1. The options
+/// `xtask` wrote name the exported directory (its NFS path is its own path) and the ports; the
+/// server is started here, shared by the tests running at the same time.
+struct NfsStore {
+    local: LocalStore,
+    _server: Arc<nfs_server::NfsServer>,
+}
+
+impl NfsStore {
+    fn new(options: &serde_json::Value) -> Self {
+        let export = options["export"]
+            .as_str()
+            .unwrap_or_else(|| panic!("nfs: options have no \"export\": {options}"));
+        let port = |key: &str| {
+            options[key]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or_else(|| panic!("nfs: options have no {key:?}: {options}"))
+        };
+        let server =
+            nfs_server::shared_server(Path::new(export), port("nfs_port"), port("mount_port"));
+        Self {
+            local: LocalStore {
+                store: PathBuf::from(export),
+            },
+            _server: server,
+        }
+    }
+}
+
+impl Backend for NfsStore {
+    fn add_layer(&self, entries: &[Entry]) -> Labels {
+        let labels = self.local.add_layer(entries);
+        let dir = self.local.layer_dir(&labels);
+        let digest: snapshot_core::identity::Digest = fs_plugin_api::layer_digest(&labels)
+            .unwrap()
+            .parse()
+            .unwrap();
+        rootfs::export::index::LayerIndex::scan(&dir)
+            .unwrap()
+            .publish(&self.local.store, &digest)
+            .unwrap();
+        labels
+    }
+
+    fn remove_layer(&self, labels: &Labels) {
+        self.local.remove_layer(labels);
+    }
+
+    fn unknown_layer(&self) -> Labels {
+        self.local.unknown_layer()
     }
 }

@@ -1,5 +1,12 @@
 //! Layer stores: each layer kept unpacked, in overlay form, at `<store>/<algorithm>/<hex>` of its
 //! blob digest — what the `local` (and `nfs`) backing file systems mount instead of unpacking.
+//!
+//! Beside each layer, `strata export` writes a metadata index (see [`index`]): what a file
+//! protocol such as NFSv3 cannot carry (extended attributes: overlay's opaque markers,
+//! `security.capability`, `user.*`), so a plugin that reads the store remotely can serve the
+//! layer exactly.
+
+pub mod index;
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +40,10 @@ pub fn export_layer(content: &ContentStore, layer: &Layer, store: &Path) -> Resu
     let digest: Digest = layer.blob.digest().clone();
     let target = layer_dir(store, &digest);
     if target.is_dir() {
+        // Published by an exporter that predates the index: add it (idempotent).
+        if !index::index_path(store, &digest).is_file() {
+            index::LayerIndex::scan(&target)?.publish(store, &digest)?;
+        }
         return Ok(Exported::Present);
     }
     let parent = target
@@ -63,6 +74,8 @@ pub fn export_layer(content: &ContentStore, layer: &Layer, store: &Path) -> Resu
             actual: applied.diff_id.to_string(),
         });
     }
+    // The index is published before the layer: a layer visible under its digest always has one.
+    index::LayerIndex::scan(tmp.path())?.publish(store, &digest)?;
     let dir = std::fs::File::open(tmp.path())
         .map_err(|e| Error::io(format!("open {}", tmp.path().display()), e))?;
     nix::unistd::syncfs(&dir).map_err(|e| Error::io("syncfs layer store", e.into()))?;

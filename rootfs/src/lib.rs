@@ -1,16 +1,24 @@
-//! Layers <-> snapshots: rootfs applies OCI layers to snapshots, diffs snapshots back into layers
-//! and mounts snapshots.
+//! Layers <-> snapshots (containerd's `rootfs`, `diff/apply` and `archive` packages).
 //!
-//! Only mounting exists so far: [`mount`] performs the [`snapshot_core::Mount`]s a snapshotter
-//! returns at a target directory and unmounts them again.
+//! - [`apply_layers`] / [`apply_layer`] / [`Unpacker`]: unpack an image's layers into snapshots
+//!   named by chain ID (reusing existing ones, in parallel when the snapshotter can rebase).
+//! - [`apply`]: the tar applier (OCI whiteouts, overlay-native fast path, path safety).
+//! - [`diff()`] and [`mod@diff`]: a snapshot's changes as a layer (walking and overlay differs).
+//! - [`init_rootfs`]: a container's root filesystem over an image.
+//! - [`content`]: the OCI image-layout content store (digest-verified blobs).
+//! - [`mount`]: performing and undoing a snapshotter's mounts; [`export`]: layer stores.
 //!
 //! ```no_run
-//! use std::path::Path;
-//! use rootfs::mount::MountGuard;
-//! # fn demo(mounts: &[snapshot_core::Mount]) -> rootfs::Result<()> {
-//! let guard = MountGuard::mount(mounts, Path::new("/run/strata/rootfs"))?;
-//! // ... use guard.path() ...
-//! guard.unmount()?; // or let it drop (errors are then only logged)
+//! use rootfs::applier::ContentApplier;
+//! use rootfs::content::ContentStore;
+//! use snapshot_overlay::{Options, OverlaySnapshotter};
+//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = ContentStore::open("/images/busybox".as_ref())?;
+//! let image = store.resolve(Some("latest"))?;
+//! let sn = OverlaySnapshotter::open("/var/lib/strata".as_ref(), Options::default())?;
+//! let chain = rootfs::apply_layers(&image.layers, &sn, &ContentApplier::new(store))?;
+//! let mounts = rootfs::init_rootfs("my-container", chain.as_ref(), false, &sn)?;
+//! let _guard = rootfs::mount::MountGuard::mount(&mounts, "/run/my-container".as_ref())?;
 //! # Ok(())
 //! # }
 //! ```

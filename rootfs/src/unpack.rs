@@ -1,6 +1,7 @@
 //! Layers -> snapshots: `apply_layers` / `apply_layer` (SEMANTICS.md §5.1, §5.3, §5.4).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -301,7 +302,10 @@ impl Unpacker {
         // Prepare all, parentless.
         let mut staged: Vec<(usize, String, Labels, Vec<Mount>)> = Vec::new();
         let cleanup = |staged: &[(usize, String, Labels, Vec<Mount>)]| {
-            for (_, key, _, _) in staged {
+            for (_, key, _, mounts) in staged {
+                if let Some(upper) = upperdir(mounts) {
+                    crate::apply::forget_parents(&upper);
+                }
                 discard(sn, key);
             }
         };
@@ -355,6 +359,10 @@ impl Unpacker {
             cleanup(&staged);
             return Err(e);
         }
+        if let Err(e) = settle_parents(sn, chains, first_missing, &staged) {
+            cleanup(&staged);
+            return Err(e);
+        }
 
         // Commit in order, each onto the previous chain.
         for (n, (i, key, labels, _)) in staged.iter().enumerate() {
@@ -375,6 +383,68 @@ impl Unpacker {
         }
         Ok(())
     }
+}
+
+/// The `upperdir=` of a staged layer's mounts.
+fn upperdir(mounts: &[Mount]) -> Option<PathBuf> {
+    match mounts {
+        [m] => m.option("upperdir").map(PathBuf::from),
+        _ => None,
+    }
+}
+
+/// Parallel unpack: parents that a layer created without knowing its lowers get their
+/// metadata from the layers below now that all are written (see `apply::settle_parents`).
+fn settle_parents(
+    sn: &dyn Snapshotter,
+    chains: &[Digest],
+    first_missing: usize,
+    staged: &[(usize, String, Labels, Vec<Mount>)],
+) -> Result<()> {
+    let uppers: Vec<Option<PathBuf>> = staged.iter().map(|(_, _, _, m)| upperdir(m)).collect();
+    if !uppers
+        .iter()
+        .flatten()
+        .any(|u| crate::apply::unsettled_parents(u))
+    {
+        return Ok(());
+    }
+    // The committed layers below the first staged one, nearest first.
+    let mut below = Vec::new();
+    let mut view = None;
+    if let Some(parent) = first_missing.checked_sub(1).map(|p| &chains[p]) {
+        let key = format!("settle-view-{} {parent}", unique_key_suffix());
+        let mounts = sn
+            .view(&key, parent.as_ref(), &Labels::new())
+            .map_err(|e| Error::Snapshot(e.context(format!("failed to view {parent}"))))?;
+        view = Some(key);
+        match crate::apply::layer_dirs(&mounts) {
+            Some(dirs) => below = dirs,
+            None => tracing::warn!(
+                ?mounts,
+                "cannot read the layers below a parallel unpack: parents keep default metadata"
+            ),
+        }
+    }
+    let mut result = Ok(());
+    for (n, upper) in uppers.iter().enumerate() {
+        let Some(upper) = upper else { continue };
+        let lowers: Vec<PathBuf> = uppers[..n]
+            .iter()
+            .rev()
+            .flatten()
+            .cloned()
+            .chain(below.iter().cloned())
+            .collect();
+        result = crate::apply::settle_parents(upper, &lowers);
+        if result.is_err() {
+            break;
+        }
+    }
+    if let Some(key) = view {
+        discard(sn, &key);
+    }
+    result
 }
 
 /// [`Unpacker::apply_layers`] with a fresh unpacker and default options.

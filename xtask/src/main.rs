@@ -1,6 +1,9 @@
 //! Developer commands: `cargo xtask test` (what CI runs) and `cargo xtask bench <name>`.
 
+mod bench_diff;
+mod bench_nfs;
 mod bench_serve;
+mod bench_unpack;
 mod plugins;
 
 use std::process::{Command, ExitCode};
@@ -14,8 +17,13 @@ commands:
   test-plugins       build every plugin, install it into a fresh plugins dir, run the plugin conformance
                      suite through the real loader, and check the deliberately broken test plugins
   bench snapshots    prepare+commit, stat and walk over 10,000 snapshots (release build)
+  bench unpack       strata's unpack vs `umoci unpack` and `pigz -dc|zstd -dc | tar -x` on generated images
+                     (small files, large files, an OS image; gzip and zstd), printed as ratios (release build)
+  bench diff         overlay differ vs walking differ: 100 changed files over the OS image (release build)
   bench serve        `ctr images import` + unpack of an OS image into a private containerd: strata serve
-                     as proxy snapshotter vs containerd's overlayfs snapshotter (release build)";
+                     as proxy snapshotter vs containerd's overlayfs snapshotter (release build)
+  bench nfs          read a whole layer (~300 MB from /usr) through the nfs plugin from a local
+                     nfs-ganesha vs from local disk, cold and cached (release build)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -142,6 +150,19 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("containerd-shim-runc-v2", "containerd"),
     ("runc", "runc"),
     ("busybox", "busybox-static"),
+    // rootfs/tests/other_tools.rs: images built by umoci and copied by skopeo, compared with
+    // `umoci unpack`.
+    ("umoci", "umoci"),
+    ("skopeo", "skopeo"),
+    // The nfs plugin's backend (tests/nfs_plugin.rs, the plugin conformance suite, `bench nfs`):
+    // a user-space NFS server with its VFS backend (a library, no command, so probed by path),
+    // and the rpcbind it registers with.
+    ("ganesha.nfsd", "nfs-ganesha"),
+    (
+        "/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so",
+        "nfs-ganesha-vfs",
+    ),
+    ("rpcbind", "rpcbind"),
 ];
 
 /// Installs the packages of `wanted` whose command is missing (`apt-get`, as root), then fails
@@ -235,6 +256,9 @@ fn bench(name: &str) -> Result<()> {
             )
         }
         "serve" => bench_serve::bench_serve(),
+        "nfs" => bench_nfs::bench_nfs(),
+        "unpack" => bench_unpack::bench_unpack(),
+        "diff" => bench_diff::bench_diff(),
         other => bail!("unknown benchmark {other:?}\n{USAGE}"),
     }
 }

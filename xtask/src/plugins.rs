@@ -38,6 +38,8 @@ impl PluginCrate {
 
 pub fn test_plugins() -> Result<()> {
     super::require_root()?;
+    // The plugins' backends need system packages (the nfs plugin's NFS server).
+    super::ensure_packages(super::TEST_PACKAGES)?;
     let cargo = super::cargo();
     let root = super::workspace_root();
     let plugins = crates_in(&root.join("plugins"))?;
@@ -117,6 +119,8 @@ fn install_and_test(
         "strata",
         "--test",
         "local_plugin",
+        "--test",
+        "nfs_plugin",
     ];
     eprintln!(
         "xtask: running {cargo} {} with STRATA_PLUGINS_DIR={} STRATA_PLUGIN_CONFIGS={} STRATA_TEST_PLUGINS_DIR={}",
@@ -150,11 +154,35 @@ fn backend_options(name: &str, dir: &Path) -> Result<String> {
                 toml_string(&store.to_string_lossy())
             ))
         }
+        "nfs" => {
+            // The conformance suite starts nfs-ganesha exporting this directory on these ports
+            // (its NFS path is its own path); the ports are free now and picked here so that the
+            // config can name them.
+            let export = dir.join("export");
+            fs::create_dir_all(&export).with_context(|| format!("create {}", export.display()))?;
+            let [nfs_port, mount_port] = free_ports()?;
+            Ok(format!(
+                "server = \"127.0.0.1\"\nexport = {}\nmount_port = {mount_port}\nnfs_port = {nfs_port}\n\
+                 store_layout = \"sha256-dirs\"\nnfs_version = 3\ntimeout_ms = 5000\n",
+                toml_string(&export.to_string_lossy())
+            ))
+        }
         other => bail!(
             "no backend for plugin {other:?}: set one up in `backend_options` (xtask/src/plugins.rs) \
              and drive it from `backend_for` (fs-plugin-api/tests/plugin_conformance.rs)"
         ),
     }
+}
+
+/// Two distinct TCP ports on 127.0.0.1 that nothing listens on (as of now).
+fn free_ports() -> Result<[u16; 2]> {
+    let bind =
+        || std::net::TcpListener::bind("127.0.0.1:0").context("bind a free port on 127.0.0.1");
+    let (a, b) = (bind()?, bind()?);
+    Ok([
+        a.local_addr().context("local address")?.port(),
+        b.local_addr().context("local address")?.port(),
+    ])
 }
 
 /// The crates directly under `dir` (directories with a Cargo.toml), by package name.

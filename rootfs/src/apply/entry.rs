@@ -49,8 +49,14 @@ impl<'a> Unpacker<'a> {
             WhiteoutMode::Delete => &[],
             WhiteoutMode::Overlay { lowers, .. } => lowers,
         };
+        let mut paths = Resolver::new(root, lowers)?;
+        if matches!(mode, WhiteoutMode::Overlay { lowers, .. } if lowers.is_empty()) {
+            // A parallel unpack's layer: its lowers are written at the same time, so parents
+            // get their metadata later (`super::parents`).
+            paths.record_implicit();
+        }
         Ok(Unpacker {
-            paths: Resolver::new(root, lowers)?,
+            paths,
             mode,
             dir_times: Vec::new(),
             unpacked: HashSet::new(),
@@ -78,6 +84,7 @@ impl<'a> Unpacker<'a> {
             Kind::File => self.file(hdr, base, stream)?,
             Kind::Dir => {
                 self.dir(hdr, base)?;
+                self.paths.claim(&rel);
                 self.dir_times.push((rel.clone(), timestamps(hdr)));
             }
             Kind::Hardlink => self.hardlink(hdr, base)?,
@@ -106,7 +113,8 @@ impl<'a> Unpacker<'a> {
     }
 
     /// Sets the times of directories now that nothing will be created in them any more.
-    pub(crate) fn finish(mut self) -> Result<()> {
+    /// Returns the parents created with default metadata for want of lowers (relative paths).
+    pub(crate) fn finish(mut self) -> Result<Vec<PathBuf>> {
         let mut all = self.paths.take_created();
         all.append(&mut self.dir_times);
         for (rel, times) in all {
@@ -122,7 +130,7 @@ impl<'a> Unpacker<'a> {
                 Err(e) => return Err(sys(format!("set times of {}", rel.display()), e)),
             }
         }
-        Ok(())
+        Ok(self.paths.take_implicit())
     }
 
     fn file<R: Read>(&self, hdr: &Header, base: &OsStr, stream: &mut TarStream<R>) -> Result<()> {

@@ -26,6 +26,7 @@
 mod decompress;
 mod entry;
 mod mounts;
+mod parents;
 mod path;
 mod stream;
 mod whiteout;
@@ -39,6 +40,8 @@ use snapshot_core::identity::Digest;
 use crate::{Error, Result};
 
 pub use mounts::apply_to_mounts;
+pub(crate) use mounts::layer_dirs;
+pub(crate) use parents::{forget_parents, settle_parents, unsettled_parents};
 
 /// How OCI whiteouts (`.wh.<name>`, `.wh..wh..opq`) are materialised.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +75,16 @@ pub struct Applied {
 /// The stream is drained to its end, so the digest covers all of it. Checking it against the
 /// expected diff ID is the caller's job.
 pub fn apply_tar(tar: impl Read, root: &Path, mode: &WhiteoutMode) -> Result<Applied> {
+    apply_tar_listing_parents(tar, root, mode).map(|(applied, _)| applied)
+}
+
+/// [`apply_tar`], also returning the parent directories created with default metadata because
+/// `mode` is [`WhiteoutMode::Overlay`] without lowers (see [`settle_parents`]).
+fn apply_tar_listing_parents(
+    tar: impl Read,
+    root: &Path,
+    mode: &WhiteoutMode,
+) -> Result<(Applied, Vec<PathBuf>)> {
     let mut stream = stream::TarStream::new(tar);
     let mut unpacker = entry::Unpacker::new(root, mode)?;
     let mut entries = 0u64;
@@ -79,10 +92,10 @@ pub fn apply_tar(tar: impl Read, root: &Path, mode: &WhiteoutMode) -> Result<App
         unpacker.entry(&header, &mut stream)?;
         entries += 1;
     }
-    unpacker.finish()?;
+    let implicit = unpacker.finish()?;
     let (diff_id, size) = stream.finish()?;
     tracing::debug!(root = %root.display(), entries, size, %diff_id, "applied layer");
-    Ok(Applied { diff_id, size })
+    Ok((Applied { diff_id, size }, implicit))
 }
 
 /// Applies a layer blob into `root`: decompression is chosen by media type (the OCI and Docker
@@ -90,16 +103,28 @@ pub fn apply_tar(tar: impl Read, root: &Path, mode: &WhiteoutMode) -> Result<App
 /// plain; an empty blob is an empty layer), whatever compression the type claims. Then as
 /// [`apply_tar`].
 ///
+/// The blob is read and decompressed on a thread of its own while the entries are written.
+///
 /// An error the blob reader carries inside its `io::Error` (a [`crate::Error`], e.g. a digest
 /// mismatch) is returned as that error.
 pub fn apply_blob(
     media_type: &str,
-    blob: impl Read,
+    blob: impl Read + Send,
     root: &Path,
     mode: &WhiteoutMode,
 ) -> Result<Applied> {
+    apply_blob_listing_parents(media_type, blob, root, mode).map(|(applied, _)| applied)
+}
+
+/// [`apply_blob`] with the implicit parents of [`apply_tar_listing_parents`].
+fn apply_blob_listing_parents(
+    media_type: &str,
+    blob: impl Read + Send,
+    root: &Path,
+    mode: &WhiteoutMode,
+) -> Result<(Applied, Vec<PathBuf>)> {
     decompress::check_media_type(media_type)?;
-    apply_tar(decompress::decompress(blob)?, root, mode)
+    decompress::with_decompressed(blob, |tar| apply_tar_listing_parents(tar, root, mode))
 }
 
 fn invalid(msg: impl Into<String>) -> Error {

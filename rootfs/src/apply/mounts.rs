@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{Mode, OFlags};
 use snapshot_core::Mount;
 
-use super::{Applied, WhiteoutMode, apply_blob, decompress, in_user_namespace, sys};
+use super::{
+    Applied, WhiteoutMode, apply_blob, apply_blob_listing_parents, decompress, in_user_namespace,
+    sys,
+};
 use crate::mount::MountGuard;
 use crate::{Error, Result};
 
@@ -26,7 +29,11 @@ use crate::{Error, Result};
 ///   directory removed (never recursively).
 ///
 /// Media types and decompression as [`apply_blob`].
-pub fn apply_to_mounts(media_type: &str, blob: impl Read, mounts: &[Mount]) -> Result<Applied> {
+pub fn apply_to_mounts(
+    media_type: &str,
+    blob: impl Read + Send,
+    mounts: &[Mount],
+) -> Result<Applied> {
     decompress::check_media_type(media_type)?;
     if let [m] = mounts {
         if m.kind == "overlay"
@@ -38,12 +45,16 @@ pub fn apply_to_mounts(media_type: &str, blob: impl Read, mounts: &[Mount]) -> R
             } else {
                 "trusted.overlay.opaque"
             };
+            let unknown_lowers = lowers.is_empty();
             let mode = WhiteoutMode::Overlay {
                 opaque_xattr: opaque_xattr.into(),
                 lowers,
             };
-            let applied = apply_blob(media_type, blob, &upper, &mode)?;
+            let (applied, implicit) = apply_blob_listing_parents(media_type, blob, &upper, &mode)?;
             sync_fs(&upper)?;
+            if unknown_lowers {
+                super::parents::record(&upper, implicit);
+            }
             return Ok(applied);
         }
         if is_rw_bind(m) {
@@ -107,6 +118,33 @@ fn overlay_dirs(m: &Mount) -> Option<(PathBuf, Vec<PathBuf>)> {
     upper
         .filter(|u| !u.as_os_str().is_empty())
         .map(|u| (u, lowers))
+}
+
+/// The layer directories (nearest first) that the mounts of a view show: an overlay's
+/// lowerdirs, or a bind mount's source. None for other mounts.
+pub(crate) fn layer_dirs(mounts: &[Mount]) -> Option<Vec<PathBuf>> {
+    match mounts {
+        [m] if m.kind == "overlay" => {
+            let mut lowers = Vec::new();
+            for o in &m.options {
+                if let Some(l) = o.strip_prefix("lowerdir=") {
+                    lowers = l
+                        .split(':')
+                        .filter(|s| !s.is_empty())
+                        .map(PathBuf::from)
+                        .collect();
+                } else if let Some(l) = o.strip_prefix("lowerdir+=") {
+                    lowers.push(PathBuf::from(l));
+                }
+            }
+            let upper = overlay_dirs(m).map(|(u, _)| u);
+            Some(upper.into_iter().chain(lowers).collect())
+        }
+        [m] if m.kind == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind") => {
+            Some(vec![PathBuf::from(&m.source)])
+        }
+        _ => None,
+    }
 }
 
 fn is_rw_bind(m: &Mount) -> bool {

@@ -77,6 +77,10 @@ pub(crate) struct Resolver {
     raw: Vec<OsString>,
     /// Directories created with a lower's metadata, and that lower's times.
     created: Vec<(PathBuf, Timestamps)>,
+    /// Whether directories created without a lower to copy from are listed in `implicit`.
+    record_implicit: bool,
+    /// Directories created as parents only, while the lowers were unknown (parallel unpack).
+    implicit: Vec<PathBuf>,
 }
 
 const DIR_FLAGS: OFlags = OFlags::PATH
@@ -103,7 +107,27 @@ impl Resolver {
             rel: PathBuf::new(),
             raw: Vec::new(),
             created: Vec::new(),
+            record_implicit: false,
+            implicit: Vec::new(),
         })
+    }
+
+    /// Lists the parent directories created with default metadata because no lowers were
+    /// given (see [`Resolver::take_implicit`]).
+    pub(crate) fn record_implicit(&mut self) {
+        self.record_implicit = true;
+    }
+
+    /// The directories listed since [`Resolver::record_implicit`], relative to the root.
+    pub(crate) fn take_implicit(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.implicit)
+    }
+
+    /// `rel` was given its metadata by an entry of its own: it is no longer implicit.
+    pub(crate) fn claim(&mut self, rel: &Path) {
+        if self.record_implicit {
+            self.implicit.retain(|p| p != rel);
+        }
     }
 
     /// The directory the last successful [`Resolver::resolve`] reached.
@@ -263,6 +287,8 @@ impl Resolver {
                     .map_err(|e| sys(ctx(), e))?;
                 if let Some(times) = self.copy_from_lowers(&rel, name)? {
                     self.created.push((rel.clone(), times));
+                } else if self.record_implicit {
+                    self.implicit.push(rel.clone());
                 }
             }
             Err(Errno::EXIST) => {}
@@ -273,7 +299,7 @@ impl Resolver {
 
     /// Gives the new directory `name` (at `rel`) the owner, mode, times and xattrs of the first
     /// lower holding `rel`, if that is a directory (containerd's `mkparent` with parents).
-    fn copy_from_lowers(&self, rel: &Path, name: &OsStr) -> Result<Option<Timestamps>> {
+    pub(crate) fn copy_from_lowers(&self, rel: &Path, name: &OsStr) -> Result<Option<Timestamps>> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
         for lower in &self.lowers {
