@@ -236,9 +236,18 @@ fn test() -> Result<()> {
             "warnings",
         ],
     )?;
+    // Not --all-targets: that would also run the benchmarks (harness = false) as tests.
     run(
         &cargo,
-        &["test", "--workspace", "--all-targets", "--all-features"],
+        &[
+            "test",
+            "--workspace",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--examples",
+            "--all-features",
+        ],
     )?;
     run(&cargo, &["test", "--workspace", "--doc", "--all-features"])?;
     plugins::test_plugins()?;
