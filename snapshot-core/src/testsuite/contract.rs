@@ -84,7 +84,24 @@ pub fn label_size_limit(ctx: &Ctx) {
 pub fn commit_rebase(ctx: &Ctx) {
     let sn = ctx.sn;
     if !sn.capabilities().iter().any(|c| c == "rebase") {
-        eprintln!("testsuite: CommitRebase skipped: capability `rebase` not advertised");
+        // Without the capability a commit's parent must not rebase anything (containerd 1.6
+        // ignores it): either the commit fails or the snapshot keeps its prepared parent.
+        ok(
+            "prepare a parentless active",
+            sn.prepare("p-a", "", &labels(&[])),
+        );
+        ctx.commit("P", "p-a");
+        ok(
+            "prepare another parentless active",
+            sn.prepare("orphan", "", &labels(&[])),
+        );
+        let opts = CommitOpts {
+            labels: labels(&[]),
+            parent: Some("P".to_owned()),
+        };
+        if sn.commit("rebased", "orphan", &opts).is_ok() {
+            ctx.expect_stat("rebased", Kind::Committed, "");
+        }
         return;
     }
     let with_parent = |p: &str| CommitOpts {
