@@ -163,6 +163,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "nfs-ganesha-vfs",
     ),
     ("rpcbind", "rpcbind"),
+    // The http plugin (issue 6): a local OCI registry, stargz's own eStargz converter, and
+    // htpasswd for the registry's basic-auth test.
+    ("docker-registry", "docker-registry"),
+    ("ctr-remote", "stargz-snapshotter"),
+    ("htpasswd", "apache2-utils"),
 ];
 
 /// Installs the packages of `wanted` whose command is missing (`apt-get`, as root), then fails
