@@ -28,6 +28,7 @@ pub mod apply;
 pub mod content;
 pub mod diff;
 mod error;
+pub mod estargz;
 pub mod export;
 mod init;
 mod layer;
