@@ -158,22 +158,26 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Ls => {
             let sn = open_snapshotter(&settings)?;
-            println!("{:<72} {:<10} {:<8} PARENT", "NAME", "KIND", "REMOTE");
+            let mut infos = Vec::new();
             sn.walk(&[], &mut |info| {
+                infos.push(info.clone());
+                Ok(())
+            })?;
+            println!("{:<72} {:<10} {:<16} PARENT", "NAME", "KIND", "REMOTE");
+            for info in infos {
                 let remote = if info.labels.contains_key(LABEL_REMOTE) {
-                    "remote"
+                    remote_state(&sn, &info.name)
                 } else {
-                    "-"
+                    "-".to_string()
                 };
                 println!(
-                    "{:<72} {:<10} {:<8} {}",
+                    "{:<72} {:<10} {:<16} {}",
                     info.name,
                     info.kind.to_string(),
                     remote,
                     info.parent
                 );
-                Ok(())
-            })?;
+            }
             sn.close()?;
         }
         Command::Rm { name } => {
@@ -203,6 +207,20 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `remote`, or how far a lazily fetched remote layer is (`lazy 42%`, `complete`), as its
+/// plugin reports it.
+fn remote_state(sn: &OverlaySnapshotter, key: &str) -> String {
+    let status = sn
+        .snapshot_dir_of(key)
+        .ok()
+        .and_then(|dir| fs_plugin_api::status::read_status(&dir.join("fs")));
+    match status {
+        Some(s) if s.state == "lazy" => format!("lazy {:.0}%", s.percent_cached),
+        Some(s) => s.state,
+        None => "remote".to_string(),
+    }
 }
 
 /// Fails unless running as root (mounting needs it).

@@ -83,6 +83,25 @@ fn layers_in_a_local_store_are_mounted_not_unpacked() {
         .count();
     assert_eq!(copied, 1, "top.txt is only visible through the store mount");
 
+    // A plugin's progress report beside a layer's mountpoint shows in `strata ls`.
+    let some_layer = std::fs::read_dir(&root2)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let status = fs_plugin_api::status::LayerStatus {
+        plugin: "local".into(),
+        layer: "sha256:00".into(),
+        state: "lazy".into(),
+        percent_cached: 42.0,
+        ..Default::default()
+    };
+    fs_plugin_api::status::write_status(&some_layer.join("fs"), &status).unwrap();
+    let ls = strata(&["--config", &cfg, "ls"]);
+    assert_eq!(ls.matches(" lazy 42% ").count(), 1, "{ls}");
+    fs_plugin_api::status::remove_status(&some_layer.join("fs")).unwrap();
+
     let target = tmp.path().join("rootfs");
     std::fs::create_dir(&target).unwrap();
     let t = target.display().to_string();

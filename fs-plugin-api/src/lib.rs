@@ -21,6 +21,7 @@ pub mod config;
 mod error;
 mod export;
 mod loader;
+pub mod status;
 
 pub use abi::ABI_VERSION;
 pub use adapter::LoadedFileSystem;

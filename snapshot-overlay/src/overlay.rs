@@ -133,6 +133,12 @@ impl OverlaySnapshotter {
         self.root.join("snapshots").join(id)
     }
 
+    /// The directory of the snapshot named `key` (its files are in `fs` below it).
+    pub fn snapshot_dir_of(&self, key: &str) -> Result<PathBuf> {
+        let (id, _, _) = self.ms.read(|tx| tx.get_info(key))?;
+        Ok(self.snapshot_dir(&id))
+    }
+
     /// The upper (content) directory of snapshot `id`.
     pub fn upper_dir(&self, id: &str) -> PathBuf {
         self.snapshot_dir(id).join("fs")
