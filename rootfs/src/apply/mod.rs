@@ -39,9 +39,11 @@ use snapshot_core::identity::Digest;
 
 use crate::{Error, Result};
 
+pub(crate) use decompress::decompress;
 pub use mounts::apply_to_mounts;
 pub(crate) use mounts::layer_dirs;
 pub(crate) use parents::{forget_parents, settle_parents, unsettled_parents};
+pub(crate) use stream::{Header as TarHeader, Kind as TarKind, TarStream, Time as TarTime};
 
 /// How OCI whiteouts (`.wh.<name>`, `.wh..wh..opq`) are materialised.
 #[derive(Debug, Clone, PartialEq, Eq)]

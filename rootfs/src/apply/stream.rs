@@ -265,6 +265,11 @@ impl<R: Read> TarStream<R> {
         })
     }
 
+    /// Data bytes of the current entry (after [`TarStream::next`]) not read yet.
+    pub(crate) fn data_left(&self) -> u64 {
+        self.data_left
+    }
+
     /// Copies the current entry's data into `out`.
     pub(crate) fn copy_data(&mut self, out: &mut impl Write, name: &str) -> Result<()> {
         while self.data_left > 0 {

@@ -4,11 +4,13 @@
 //! holding the TOC (`stargz.index.json`), then a footer giving the TOC's offset. [`read_toc`]
 //! opens a blob through [`ReadAt`], [`Index`] turns the TOC into a file tree in overlay form,
 //! and [`decompress_chunk`] returns a chunk's bytes only after checking its digest.
+//! [`convert_layer`] writes such layers.
 
 mod footer;
 mod index;
 mod reader;
 mod toc;
+mod writer;
 
 pub use footer::{FOOTER_SIZE, LEGACY_FOOTER_SIZE, footer, parse_footer};
 pub use index::{Chunk, Index, IndexOptions, Node, NodeId, NodeKind, ROOT};
@@ -17,6 +19,7 @@ pub use reader::{
     verify_toc_digest,
 };
 pub use toc::{EntryType, Toc, TocEntry};
+pub use writer::{Converted, WriterOptions, convert_layer};
 
 /// Name of the TOC's tar entry.
 pub const TOC_NAME: &str = "stargz.index.json";
