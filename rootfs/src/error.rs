@@ -55,6 +55,14 @@ pub enum Error {
     /// A layer archive is malformed or hostile (path escapes, bad whiteouts, bombs, ...).
     #[error("invalid archive: {0}")]
     InvalidArchive(String),
+    /// A remote resource (e.g. an OCI registry) cannot be reached, or kept failing (timeouts,
+    /// refused connections, 5xx answers after retries).
+    #[error("{0}: unavailable")]
+    Unavailable(String),
+    /// A remote resource refused access (HTTP 401/403 after authenticating, or no credentials
+    /// for a registry that demands them).
+    #[error("{0}: permission denied")]
+    PermissionDenied(String),
     /// A snapshotter operation failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot_core::Error),
@@ -93,6 +101,9 @@ impl Error {
             Error::Unsupported(_) => ErrorKind::NotImplemented,
             Error::DigestMismatch { .. } => ErrorKind::FailedPrecondition,
             Error::InvalidArchive(_) => ErrorKind::InvalidArgument,
+            Error::Unavailable(_) => ErrorKind::Unavailable,
+            // containerd has no separate kind the snapshotter API carries for this.
+            Error::PermissionDenied(_) => ErrorKind::FailedPrecondition,
             Error::Snapshot(e) => e.kind(),
         }
     }

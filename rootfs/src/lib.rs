@@ -33,7 +33,10 @@ pub mod export;
 mod init;
 mod layer;
 pub mod mount;
+pub mod registry;
 mod snapshot_diff;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod unpack;
 
 pub use error::{Error, Result};
