@@ -39,6 +39,9 @@ pub mod model {
 /// Label naming the layer (its digest, `sha256:<hex>`) a strata snapshotter asks a plugin to mount.
 pub const LABEL_LAYER_DIGEST: &str = snapshot_core::LABEL_LAYER_DIGEST;
 
+/// Label naming the image (`registry/repository[:tag|@digest]`) a layer is fetched from.
+pub const LABEL_IMAGE_REF: &str = snapshot_core::LABEL_IMAGE_REF;
+
 /// stargz-snapshotter's label with the layer digest.
 pub const LABEL_STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 

@@ -23,8 +23,9 @@ pub use error::{Error, ErrorKind, Result};
 pub use filesystem::FileSystem;
 pub use metastore::{MetaStore, ReadTx, Snapshot, WriteTx};
 pub use model::{
-    CommitOpts, Info, Kind, LABEL_LAYER_DIGEST, LABEL_OVERLAY_UPPERDIR, LABEL_REMOTE,
-    LABEL_TARGET_REF, Labels, MAX_LABEL_SIZE, Mount, Usage, is_inherited_label, validate_labels,
+    CommitOpts, Info, Kind, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_OVERLAY_UPPERDIR,
+    LABEL_REMOTE, LABEL_TARGET_REF, Labels, MAX_LABEL_SIZE, Mount, Usage, is_inherited_label,
+    validate_labels,
 };
 pub use snapshotter::Snapshotter;
 pub use usage::disk_usage;

@@ -22,6 +22,10 @@ pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
 /// Label naming the layer (blob) digest a backing file system should mount (strata's own; the
 /// key of a layer store).
 pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/remote/strata.layer-digest";
+/// Label naming the image a remote layer belongs to (`registry/repository[:tag|@digest]`), for
+/// backing file systems that fetch layers from a registry (strata's own form of stargz's
+/// `containerd.io/snapshot/remote/stargz.reference`).
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/remote/strata.image-ref";
 /// Label synthesised by the overlay snapshotter with a snapshot's upper directory.
 pub const LABEL_OVERLAY_UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
 
