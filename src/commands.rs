@@ -93,6 +93,16 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{chain}");
             sn.close()?;
         }
+        Command::Pull {
+            reference,
+            plain_http,
+        } => {
+            let opts = crate::pull::PullOpts {
+                plain_http,
+                ..Default::default()
+            };
+            crate::pull::run(&settings, &reference, &opts)?
+        }
         Command::Mount {
             image,
             target,

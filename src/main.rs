@@ -5,6 +5,7 @@ mod commands;
 mod demo;
 mod image_ref;
 mod progress;
+mod pull;
 mod serve;
 
 use std::path::PathBuf;
@@ -41,6 +42,15 @@ enum Command {
     Unpack {
         /// `<oci-layout-dir>[:tag|@sha256:…]`
         image: String,
+    },
+    /// Fetch an image from an OCI registry into `<root>/content`, then unpack it; prints its
+    /// chain ID.
+    Pull {
+        /// `<registry>/<repository>[:tag|@sha256:…]`
+        reference: String,
+        /// Talk plain HTTP (not HTTPS) to the registry.
+        #[arg(long)]
+        plain_http: bool,
     },
     /// Unpack if needed, create a container snapshot on the image and mount it.
     Mount {
