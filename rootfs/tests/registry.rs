@@ -509,3 +509,88 @@ fn mirrors_are_tried_in_order_before_the_host() {
     let missing = Reference::parse("registry.invalid/test/app:nope").unwrap();
     assert!(client.manifest(&missing).is_err());
 }
+
+#[test]
+fn transient_errors_are_retried_and_in_flight_requests_bounded() {
+    let (reg, img) = registry_with_image();
+    let proxy = FaultProxy::start(reg.addr()).unwrap();
+    let tmp = TempDir::new().unwrap();
+    let mut o = opts(&[&proxy.host()], &docker_config(tmp.path(), &[]));
+    o.retries = 3;
+    o.max_in_flight = 1;
+    let client = Registry::new(o).unwrap();
+    let r = reference(&proxy.host());
+
+    // Two 503s, then success: three requests, no error.
+    proxy.fail_next(2, 503);
+    proxy.reset_counters();
+    assert_eq!(client.manifest(&r).unwrap().digest, img.manifest_digest);
+    assert_eq!(proxy.requests(), 3);
+
+    // Always 500: retries exhausted, Unavailable, 1 + retries requests.
+    proxy.set_mode(Mode::Status(500));
+    proxy.reset_counters();
+    let e = client.manifest(&r).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(proxy.requests(), 4);
+    // A 400 is not retried.
+    proxy.set_mode(Mode::Status(400));
+    proxy.reset_counters();
+    assert!(client.manifest(&r).is_err());
+    assert_eq!(proxy.requests(), 1);
+
+    // One request in flight at a time: four parallel reads of a slow proxy take four delays.
+    proxy.set_mode(Mode::Pass);
+    let blob = client.blob(&r, &img.layer_digest, None).unwrap();
+    proxy.set_mode(Mode::Delay(Duration::from_millis(200)));
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..4u64 {
+            let blob = blob.clone();
+            let layer = &img.layer;
+            s.spawn(move || {
+                let mut b = vec![0; 100];
+                blob.read_at(i * 100_000, &mut b).unwrap();
+                assert_eq!(
+                    b,
+                    layer[(i * 100_000) as usize..(i * 100_000 + 100) as usize]
+                );
+            });
+        }
+    });
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "requests ran concurrently beyond max_in_flight: {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn clients_and_blobs_are_send_and_sync() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<Registry>();
+    check::<rootfs::registry::Blob>();
+}
+
+#[test]
+fn whole_blob_streams_resume_after_lost_connections() {
+    let (reg, img) = registry_with_image();
+    let proxy = FaultProxy::start(reg.addr()).unwrap();
+    let tmp = TempDir::new().unwrap();
+    let client = Registry::new(opts(&[&proxy.host()], &docker_config(tmp.path(), &[]))).unwrap();
+    let r = reference(&proxy.host());
+    proxy.set_mode(Mode::CutAfter(250_000));
+    let mut all = Vec::new();
+    client
+        .fetch_blob(&r, &img.layer_digest)
+        .unwrap()
+        .read_to_end(&mut all)
+        .unwrap();
+    assert_eq!(all, img.layer);
+    assert_eq!(proxy.requests(), 3, "two resumes with Range");
+
+    // No progress at all: the stream fails after the retries.
+    proxy.set_mode(Mode::CutAfter(0));
+    let mut stream = client.fetch_blob(&r, &img.layer_digest).unwrap();
+    assert!(stream.read_to_end(&mut Vec::new()).is_err());
+}

@@ -357,19 +357,22 @@ impl Registry {
     /// as it goes: at its end, a size (against `Content-Length`) or SHA-256 mismatch is an
     /// `io::Error` of kind `InvalidData` carrying [`Error::DigestMismatch`] (see
     /// [`crate::content::error_from_io`]) instead of the end of the stream. The stream holds one
-    /// of the client's in-flight slots until dropped; failures after the response started are
-    /// not retried.
+    /// of the client's in-flight slots until dropped. A connection lost mid-stream is resumed
+    /// with a `Range` request from where it stopped ([`RegistryOptions::retries`] times without
+    /// progress at most).
     pub fn fetch_blob(&self, r: &Reference, digest: &Digest) -> Result<Box<dyn Read + Send>> {
         let req = blob_req(r, digest, Method::Get, vec![]);
         let stream = self.execute(r, &req, &mut |resp, permit| {
             let length = resp.body().content_length();
             Ok(VerifyingReader {
-                inner: self.body_reader(resp),
-                _permit: permit,
+                registry: self.clone(),
+                reference: r.clone(),
+                body: Some((self.body_reader(resp), permit)),
                 hasher: Some(Sha256::new()),
                 expected: digest.clone(),
                 length,
                 read: 0,
+                failures: 0,
             })
         })?;
         Ok(Box::new(stream))
@@ -824,14 +827,19 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
-/// A whole-blob stream that checks size and digest at its end.
+/// A whole-blob stream that resumes after lost connections and checks size and digest at
+/// its end.
 struct VerifyingReader {
-    inner: CountingReader<ureq::BodyReader<'static>>,
-    _permit: Permit,
+    registry: Registry,
+    reference: Reference,
+    /// The current response body and its in-flight slot (none while reconnecting).
+    body: Option<(CountingReader<ureq::BodyReader<'static>>, Permit)>,
     hasher: Option<Sha256>,
     expected: Digest,
     length: Option<u64>,
     read: u64,
+    /// Consecutive failures without progress.
+    failures: u32,
 }
 
 impl VerifyingReader {
@@ -845,25 +853,53 @@ impl VerifyingReader {
             },
         )
     }
-}
 
-impl Read for VerifyingReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let Some(hasher) = self.hasher.as_mut() else {
-            return Ok(0);
-        };
-        let n = self.inner.read(buf)?;
-        if n > 0 {
-            hasher.update(&buf[..n]);
-            self.read += n as u64;
-            return Ok(n);
-        }
+    /// Asks for the rest of the blob, from `self.read` on.
+    fn resume(&mut self) -> io::Result<()> {
+        self.body = None;
+        let from = self.read;
+        let req = blob_req(
+            &self.reference,
+            &self.expected,
+            Method::Get,
+            vec![("Range", format!("bytes={from}-"))],
+        );
+        let registry = self.registry.clone();
+        let body = registry
+            .execute(&self.reference, &req, &mut |resp, permit| {
+                let status = resp.status().as_u16();
+                let content_range = header(&resp, "content-range").unwrap_or_default();
+                let mut body = registry.body_reader(resp);
+                if status == 206 {
+                    let start = content_range
+                        .trim()
+                        .strip_prefix("bytes ")
+                        .and_then(|r| r.split('-').next())
+                        .and_then(|n| n.trim().parse::<u64>().ok());
+                    if start != Some(from) {
+                        return Err(Failure::Fatal(Error::io(
+                            req.what.clone(),
+                            io::Error::other(format!(
+                                "resuming at {from}, got Content-Range {content_range:?}"
+                            )),
+                        )));
+                    }
+                } else {
+                    io::copy(&mut (&mut body).take(from), &mut io::sink())
+                        .map_err(|e| transient_io(&req.what, e))?;
+                }
+                Ok((body, permit))
+            })
+            .map_err(io::Error::other)?;
+        self.body = Some(body);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> io::Result<usize> {
         let Some(hasher) = self.hasher.take() else {
             return Ok(0);
         };
+        self.body = None;
         if let Some(len) = self.length
             && len != self.read
         {
@@ -886,6 +922,50 @@ impl Read for VerifyingReader {
             warn!(digest = %self.expected, "blob digest algorithm not verifiable here");
         }
         Ok(0)
+    }
+}
+
+impl Read for VerifyingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() || self.hasher.is_none() {
+            return Ok(0);
+        }
+        loop {
+            let result = match self.body.as_mut() {
+                Some((body, _)) => body.read(buf),
+                None => Err(io::Error::other("reconnecting")),
+            };
+            let error = match result {
+                Ok(n) if n > 0 => {
+                    if let Some(h) = self.hasher.as_mut() {
+                        h.update(&buf[..n]);
+                    }
+                    self.read += n as u64;
+                    self.failures = 0;
+                    return Ok(n);
+                }
+                Ok(_) if self.length.is_none_or(|l| self.read >= l) => return self.finish(),
+                Ok(_) => io::Error::new(io::ErrorKind::UnexpectedEof, "body ended early"),
+                Err(e) => e,
+            };
+            if self.failures >= self.registry.inner.opts.retries {
+                return Err(error);
+            }
+            self.failures += 1;
+            warn!(digest = %self.expected, at = self.read, error = %error, "blob stream broken, resuming");
+            std::thread::sleep(
+                FIRST_BACKOFF
+                    .saturating_mul(1u32 << self.failures.min(16))
+                    .min(MAX_BACKOFF),
+            );
+            if let Err(e) = self.resume() {
+                if e.get_ref().is_some_and(|i| i.is::<Error>()) {
+                    // A definitive answer (not found, unavailable after retries, ...).
+                    return Err(e);
+                }
+                debug!(error = %e, "resume failed");
+            }
+        }
     }
 }
 

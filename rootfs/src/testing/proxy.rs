@@ -33,6 +33,10 @@ pub enum Mode {
     Delay(Duration),
     /// Close every connection as soon as it is accepted (a registry that is down).
     Down,
+    /// Answer every request with this HTTP status (e.g. 503) and an empty body.
+    Status(u16),
+    /// Close blob GET responses after this many body bytes (a connection lost mid-stream).
+    CutAfter(u64),
 }
 
 /// Authentication the proxy demands itself (in front of an open registry).
@@ -64,6 +68,7 @@ struct State {
     mode: Mutex<Mode>,
     auth: Mutex<ProxyAuth>,
     redirect_blobs: AtomicBool,
+    fail_next: Mutex<(u64, u16)>,
     stop: AtomicBool,
     body_bytes: AtomicU64,
     requests: AtomicU64,
@@ -94,6 +99,7 @@ impl FaultProxy {
             mode: Mutex::new(Mode::Pass),
             auth: Mutex::new(ProxyAuth::None),
             redirect_blobs: AtomicBool::new(false),
+            fail_next: Mutex::new((0, 0)),
             stop: AtomicBool::new(false),
             body_bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -145,6 +151,16 @@ impl FaultProxy {
     /// registries redirect to storage).
     pub fn set_redirect_blobs(&self, on: bool) {
         self.state.redirect_blobs.store(on, Ordering::SeqCst);
+    }
+
+    /// Answers the next `count` requests (after authentication) with HTTP `status`, then goes
+    /// back to the current mode: a transient failure.
+    pub fn fail_next(&self, count: u64, status: u16) {
+        *self
+            .state
+            .fail_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (count, status);
     }
 
     /// Response body bytes forwarded to clients so far.
@@ -400,6 +416,22 @@ fn handle(client: TcpStream, state: &State) -> io::Result<()> {
     }
 
     let mode = state.mode.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let failing = {
+        let mut f = state.fail_next.lock().unwrap_or_else(|p| p.into_inner());
+        if f.0 > 0 {
+            f.0 -= 1;
+            Some(f.1)
+        } else {
+            None
+        }
+    };
+    if let Some(status) = failing.or(match mode {
+        Mode::Status(s) => Some(s),
+        _ => None,
+    }) {
+        respond(&mut client, &format!("{status} Injected"), &[], b"");
+        return Ok(());
+    }
     match &mode {
         Mode::Down => {
             let _ = client.shutdown(Shutdown::Both);
@@ -496,11 +528,16 @@ fn handle(client: TcpStream, state: &State) -> io::Result<()> {
         } else {
             0
         };
+        let cut = match (&mode, is_blob && method == "GET") {
+            (Mode::CutAfter(n), true) => Some(*n),
+            _ => None,
+        };
         let mut sink = BodySink {
             client: &mut client,
             flip,
             pos: start,
             counter: &state.body_bytes,
+            left: cut,
         };
         if chunked {
             copy_chunked(&mut up, &mut sink)?;
@@ -524,6 +561,8 @@ struct BodySink<'a> {
     flip: Option<Range<u64>>,
     pos: u64,
     counter: &'a AtomicU64,
+    /// Bytes still allowed through before the connection is cut.
+    left: Option<u64>,
 }
 
 impl BodySink<'_> {
@@ -535,9 +574,22 @@ impl BodySink<'_> {
                 }
             }
         }
+        let mut data = data;
+        if let Some(left) = self.left.as_mut() {
+            let n = data.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+            data = &mut data[..n];
+            *left -= n as u64;
+        }
         self.client.write_all(data)?;
         self.pos += data.len() as u64;
         self.counter.fetch_add(data.len() as u64, Ordering::SeqCst);
+        if self.left == Some(0) {
+            let _ = self.client.shutdown(Shutdown::Both);
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "cut by the fault proxy",
+            ));
+        }
         Ok(())
     }
 }
