@@ -67,6 +67,7 @@ fn backend_for(plugin: &str, options: &serde_json::Value) -> Box<dyn Backend> {
     match plugin {
         "local" => Box::new(LocalStore::new(options)),
         "nfs" => Box::new(NfsStore::new(options)),
+        "http" => Box::new(HttpRegistry::new(options)),
         other => panic!(
             "no conformance backend for plugin {other:?}: add one to `backend_for` in {}",
             file!()
@@ -521,5 +522,244 @@ impl Backend for NfsStore {
 
     fn unknown_layer(&self) -> Labels {
         self.local.unknown_layer()
+    }
+}
+
+/// The `http` plugin's backend: a real `docker-registry` on the 127.0.0.1 port the options
+/// `xtask` wrote name (the only host in `registry.hosts`, plain HTTP), started here and shared
+/// by the tests running at the same time. A layer is a tar of the entries converted to eStargz
+/// (`rootfs::estargz::convert_layer`), uploaded as a blob of one repository and named by
+/// stargz's labels with its TOC digest; removing it deletes the blob from the registry.
+struct HttpRegistry {
+    server: Arc<RegistryServer>,
+}
+
+/// The repository the conformance layers are uploaded to.
+const HTTP_REPO: &str = "strata/conformance";
+
+impl HttpRegistry {
+    fn new(options: &serde_json::Value) -> Self {
+        let hosts = options["registry"]["hosts"]
+            .as_object()
+            .unwrap_or_else(|| panic!("http: options have no registry.hosts: {options}"));
+        assert_eq!(
+            hosts.len(),
+            1,
+            "http: one registry host expected: {options}"
+        );
+        let host = hosts.keys().next().unwrap().clone();
+        Self {
+            server: RegistryServer::shared(&host),
+        }
+    }
+
+    fn labels(&self, digest: &str, toc_digest: &str) -> Labels {
+        [
+            (
+                "containerd.io/snapshot/remote/stargz.reference",
+                format!("{}/{HTTP_REPO}:latest", self.server.host),
+            ),
+            (fs_plugin_api::LABEL_STARGZ_DIGEST, digest.to_owned()),
+            (
+                rootfs::estargz::TOC_DIGEST_ANNOTATION,
+                toc_digest.to_owned(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+/// A tar of `entries` in overlay's image form (whiteouts as `.wh.` files, opaque markers).
+fn layer_tar(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_path(path).unwrap();
+        h.set_mode(mode);
+        h.set_mtime(1_600_000_000);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    for entry in entries {
+        match entry {
+            Entry::Dir(p) => add(p, tar::EntryType::Directory, 0o755, b""),
+            Entry::File(p, content) => add(p, tar::EntryType::Regular, 0o644, content.as_bytes()),
+            Entry::Whiteout(p) => {
+                let (dir, name) = match p.rsplit_once('/') {
+                    Some((dir, name)) => (format!("{dir}/"), name),
+                    None => (String::new(), *p),
+                };
+                add(
+                    &format!("{dir}.wh.{name}"),
+                    tar::EntryType::Regular,
+                    0o644,
+                    b"",
+                )
+            }
+            Entry::OpaqueDir(p) => {
+                add(p, tar::EntryType::Directory, 0o755, b"");
+                add(
+                    &format!("{p}/.wh..wh..opq"),
+                    tar::EntryType::Regular,
+                    0o644,
+                    b"",
+                );
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+impl Backend for HttpRegistry {
+    fn add_layer(&self, entries: &[Entry]) -> Labels {
+        let mut blob = Vec::new();
+        let converted = rootfs::estargz::convert_layer(
+            layer_tar(entries).as_slice(),
+            &mut blob,
+            &rootfs::estargz::WriterOptions::default(),
+        )
+        .unwrap();
+        let digest = converted.digest.to_string();
+        self.server.upload(&blob, &digest);
+        self.labels(&digest, &converted.toc_digest.to_string())
+    }
+
+    fn remove_layer(&self, labels: &Labels) {
+        let digest = fs_plugin_api::layer_digest(labels).unwrap();
+        let (status, body) =
+            self.server
+                .http("DELETE", &format!("/v2/{HTTP_REPO}/blobs/{digest}"), b"");
+        assert_eq!(status, 202, "DELETE blob {digest}: {body}");
+    }
+
+    fn unknown_layer(&self) -> Labels {
+        self.labels(&unique_digest(), &unique_digest())
+    }
+}
+
+/// `docker-registry serve` on a given loopback port, its storage in a temporary directory
+/// (deletes enabled). Killed and reaped on drop.
+struct RegistryServer {
+    host: String,
+    child: std::sync::Mutex<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl RegistryServer {
+    /// The server of this test process on `host` (`127.0.0.1:<port>`), started if needed.
+    fn shared(host: &str) -> Arc<RegistryServer> {
+        static SHARED: std::sync::Mutex<std::sync::Weak<RegistryServer>> =
+            std::sync::Mutex::new(std::sync::Weak::new());
+        let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slot.upgrade() {
+            assert_eq!(s.host, host, "one shared registry per process");
+            return s;
+        }
+        let s = Arc::new(RegistryServer::start(host));
+        *slot = Arc::downgrade(&s);
+        s
+    }
+
+    fn start(host: &str) -> RegistryServer {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+                 delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+                dir.path().join("storage").display()
+            ),
+        )
+        .unwrap();
+        let log = fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start docker-registry ({e}): install Debian package docker-registry")
+            });
+        let server = RegistryServer {
+            host: host.to_owned(),
+            child: std::sync::Mutex::new(child),
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(host).is_ok()
+                && server.http("GET", "/v2/", b"").0 == 200
+            {
+                return server;
+            }
+            let exited = server.child.lock().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none() && std::time::Instant::now() < deadline,
+                "docker-registry on {host} did not come up (exit: {exited:?}): {}",
+                fs::read_to_string(server._dir.path().join("registry.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// One HTTP/1.1 exchange (`Connection: close`): status and body (headers folded in).
+    fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.host).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\
+             Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+            self.host,
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
+
+    /// Uploads `blob` (digest `digest`) into [`HTTP_REPO`] (monolithic upload).
+    fn upload(&self, blob: &[u8], digest: &str) {
+        let (status, response) = self.http("POST", &format!("/v2/{HTTP_REPO}/blobs/uploads/"), b"");
+        assert_eq!(status, 202, "start upload: {response}");
+        let location = response
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("location")
+                    .then(|| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("upload without Location: {response}"));
+        let path = location
+            .find("/v2/")
+            .map_or(location.as_str(), |i| &location[i..]);
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let (status, response) = self.http("PUT", &format!("{path}{sep}digest={digest}"), blob);
+        assert_eq!(status, 201, "upload blob {digest}: {response}");
+    }
+}
+
+impl Drop for RegistryServer {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
