@@ -594,3 +594,39 @@ fn whole_blob_streams_resume_after_lost_connections() {
     let mut stream = client.fetch_blob(&r, &img.layer_digest).unwrap();
     assert!(stream.read_to_end(&mut Vec::new()).is_err());
 }
+
+#[test]
+fn https_registries_need_a_valid_certificate_or_insecure_skip_verify() {
+    let reg = TestRegistry::start_tls().unwrap();
+    let img = build_image();
+    reg.push(&img.layout, "v1", "test/app:v1").unwrap();
+    let tmp = TempDir::new().unwrap();
+    let config = docker_config(tmp.path(), &[]);
+    let r = reference(&reg.host());
+
+    let mut o = opts(&[], &config);
+    o.retries = 0;
+    let strict = Registry::new(o.clone()).unwrap();
+    let e = strict.manifest(&r).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    let text = e.to_string().to_lowercase();
+    assert!(text.contains("cert") || text.contains("tls"), "{e}");
+
+    o.hosts.insert(
+        reg.host(),
+        HostOptions {
+            insecure_skip_verify: true,
+            ..Default::default()
+        },
+    );
+    let lax = Registry::new(o).unwrap();
+    assert_eq!(lax.manifest(&r).unwrap().digest, img.manifest_digest);
+    let blob = lax.blob(&r, &img.layer_digest, None).unwrap();
+    let mut buf = vec![0; 100];
+    blob.read_at(1000, &mut buf).unwrap();
+    assert_eq!(buf, img.layer[1000..1100]);
+
+    // Plain HTTP against a TLS server fails too, clearly.
+    let plain = Registry::new(opts(&[&reg.host()], &config)).unwrap();
+    assert!(plain.manifest(&r).is_err());
+}

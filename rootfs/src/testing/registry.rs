@@ -24,22 +24,29 @@ pub struct TestRegistry {
     addr: SocketAddr,
     child: Option<Child>,
     basic_auth: Option<(String, String)>,
+    tls: bool,
 }
 
 impl TestRegistry {
     /// Starts a registry without authentication on a free port; waits (up to 10 s) until its
     /// `/v2/` answers.
     pub fn start() -> Result<TestRegistry> {
-        TestRegistry::start_inner(None)
+        TestRegistry::start_inner(None, false)
+    }
+
+    /// Starts a registry serving HTTPS with a self-signed certificate for 127.0.0.1 (made with
+    /// `openssl`), so clients need `insecure_skip_verify`.
+    pub fn start_tls() -> Result<TestRegistry> {
+        TestRegistry::start_inner(None, true)
     }
 
     /// Starts a registry that demands HTTP basic auth for `username`/`password` (an htpasswd
     /// file made with `htpasswd -Bbn`, Debian package apache2-utils).
     pub fn start_with_basic_auth(username: &str, password: &str) -> Result<TestRegistry> {
-        TestRegistry::start_inner(Some((username.to_string(), password.to_string())))
+        TestRegistry::start_inner(Some((username.to_string(), password.to_string())), false)
     }
 
-    fn start_inner(basic_auth: Option<(String, String)>) -> Result<TestRegistry> {
+    fn start_inner(basic_auth: Option<(String, String)>, tls: bool) -> Result<TestRegistry> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
         let port = {
             let l = TcpListener::bind("127.0.0.1:0")
@@ -74,11 +81,44 @@ impl TestRegistry {
                 htpasswd.display()
             );
         }
+        let mut tls_config = String::new();
+        if tls {
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            let out = Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                ])
+                .args([
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                ])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .map_err(|e| {
+                    Error::Unavailable(format!("openssl ({e}): install Debian package openssl"))
+                })?;
+            if !out.status.success() {
+                return Err(Error::InvalidArgument(format!(
+                    "openssl req failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            tls_config = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
+        }
         let config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {addr}\n\
+             http:\n  addr: {addr}\n{tls_config}\
              {auth}",
             storage.display()
         );
@@ -89,6 +129,7 @@ impl TestRegistry {
             addr,
             child: None,
             basic_auth,
+            tls,
         };
         reg.spawn()?;
         Ok(reg)
@@ -131,7 +172,7 @@ impl TestRegistry {
                     self.log()
                 )));
             }
-            if probe_v2(self.addr) {
+            if probe_v2(self.addr, self.tls) {
                 debug!(addr = %self.addr, "test registry up");
                 return Ok(());
             }
@@ -213,8 +254,9 @@ impl Drop for TestRegistry {
     }
 }
 
-/// Whether `GET /v2/` at `addr` answers 200 or 401.
-fn probe_v2(addr: SocketAddr) -> bool {
+/// Whether `GET /v2/` at `addr` answers 200 or 401 (any answer at all, for a TLS server
+/// spoken to in plain HTTP).
+fn probe_v2(addr: SocketAddr, tls: bool) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
@@ -229,7 +271,7 @@ fn probe_v2(addr: SocketAddr) -> bool {
         return false;
     }
     let line = String::from_utf8_lossy(&head);
-    line.ends_with(" 200") || line.ends_with(" 401")
+    line.starts_with("HTTP/") && (tls || line.ends_with(" 200") || line.ends_with(" 401"))
 }
 
 /// Pushes image `tag` of OCI layout `layout_dir` to `dest` (`127.0.0.1:<port>/<repo>:<tag>`)
