@@ -305,7 +305,7 @@ impl<W: Write> LayerWriter<W> {
             kind: TarKind::File,
             name: name.as_bytes().to_vec(),
             link: Vec::new(),
-            mode: 0o644,
+            mode: 0, // as stargz writes it
             uid: 0,
             gid: 0,
             mtime: TarTime::default(),
@@ -338,7 +338,7 @@ impl<W: Write> LayerWriter<W> {
             kind: TarKind::File,
             name: TOC_NAME.as_bytes().to_vec(),
             link: Vec::new(),
-            mode: 0o644,
+            mode: 0,
             uid: 0,
             gid: 0,
             mtime: TarTime::default(),
