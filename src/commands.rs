@@ -166,6 +166,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{} {:?}", dir.display(), what);
             }
         }
+        Command::Convert(args) => crate::convert::run(&args)?,
         Command::Ls => {
             let sn = open_snapshotter(&settings)?;
             let mut infos = Vec::new();

@@ -2,6 +2,7 @@
 //! back into layers.
 
 mod commands;
+mod convert;
 mod demo;
 mod image_ref;
 mod progress;
@@ -96,6 +97,9 @@ enum Command {
         /// `<oci-layout-dir>[:tag|@sha256:…]`
         image: String,
     },
+    /// Convert an image's layers to eStargz into another OCI layout; prints the new manifest's
+    /// digest.
+    Convert(convert::ConvertArgs),
     /// List snapshots.
     Ls,
     /// Remove a snapshot (it must have no children).
