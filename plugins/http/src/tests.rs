@@ -667,3 +667,124 @@ fn concurrent_readers_fetch_each_chunk_once() {
     proxy.set_mode(Mode::Pass);
     fs_.unmount(&mnt).unwrap();
 }
+
+#[test]
+fn one_read_fetches_its_adjacent_chunks_with_one_request() {
+    let registry = start_registry();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    let layer = push_estargz(&registry.host(), &rich_layer());
+    let host = proxy.host();
+    let scratch = tempfile::tempdir().unwrap();
+    let cache = std::sync::Arc::new(
+        crate::cache::ChunkCache::open(&scratch.path().join("cache"), 1 << 30).unwrap(),
+    );
+    let fs_ = plugin(&scratch.path().join("unused"), &[&host], |_| {});
+    let source = crate::labels::LayerSource::from_labels(&layer.labels(&host)).unwrap();
+    let resolved =
+        crate::layer::resolve(&fs_.registry, &cache, &source, false, &Default::default()).unwrap();
+    let big = resolved.index.resolve("big.bin").unwrap();
+    assert_eq!(resolved.index.node(big).chunks.len(), 5);
+    let l = crate::layer::Layer::new(
+        source,
+        resolved,
+        fs_.registry.clone(),
+        cache,
+        &scratch.path().join("snap/fs"),
+        crate::layer::LayerSettings {
+            prefetch_bytes: 0,
+            background_fetch: false,
+        },
+    );
+    proxy.reset_counters();
+    assert_eq!(l.read(big, 0, 300_000).unwrap(), noise(300_000, 2));
+    assert_eq!(
+        proxy.requests(),
+        1,
+        "five adjacent chunks, one ranged request"
+    );
+    // Now cached: no request at all, any range.
+    assert_eq!(
+        l.read(big, 70_000, 100).unwrap(),
+        noise(300_000, 2)[70_000..70_100]
+    );
+    assert_eq!(proxy.requests(), 1);
+    l.cancel();
+}
+
+#[test]
+fn landmarked_files_are_prefetched_at_mount() {
+    let registry = start_registry();
+    let host = registry.host();
+    let mut blob = Vec::new();
+    let opts = WriterOptions {
+        chunk_size: 64 << 10,
+        prioritized_files: vec!["bin/tool".into()],
+        ..Default::default()
+    };
+    let converted = convert_layer(rich_layer().as_slice(), &mut blob, &opts).unwrap();
+    let digest = push_blob(&host, &blob);
+    let labels = stargz_labels(&host, &digest, Some(&converted.toc_digest.to_string()));
+    let scratch = tempfile::tempdir().unwrap();
+    let fs_ = plugin(&scratch.path().join("cache"), &[&host], |_| {});
+    let mnt = mountpoint(scratch.path(), "snap");
+    fs_.mount(&mnt, &labels).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status_of(&mnt).unwrap();
+        if st.bytes_cached >= 5000 {
+            assert_eq!(st.bytes_cached, 5000, "only the prioritised file: {st:?}");
+            assert_eq!(st.state, "lazy");
+            break;
+        }
+        assert!(Instant::now() < deadline, "prefetch never done: {st:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fs_.unmount(&mnt).unwrap();
+}
+
+#[test]
+fn resolving_a_layer_is_bounded_by_the_resolve_timeout() {
+    let registry = start_registry();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    let layer = push_estargz(&registry.host(), &rich_layer());
+    let host = proxy.host();
+    let scratch = tempfile::tempdir().unwrap();
+    let fs_ = plugin(&scratch.path().join("cache"), &[&host], |o| {
+        o.resolve_timeout_secs = 1;
+    });
+    let mnt = mountpoint(scratch.path(), "snap");
+    proxy.set_mode(Mode::Delay(Duration::from_secs(4)));
+    let start = Instant::now();
+    let e = fs_.mount(&mnt, &layer.labels(&host)).unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(
+        e.to_string().contains("failed to resolve layer (timeout"),
+        "{e}"
+    );
+    assert!(!sys::is_mount_point(&mnt));
+    proxy.set_mode(Mode::Pass);
+}
+
+#[test]
+fn a_registry_that_ignores_range_still_serves_the_layer() {
+    let registry = start_registry();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    let layer = push_estargz(&registry.host(), &rich_layer());
+    let host = proxy.host();
+    proxy.set_mode(Mode::StripRange);
+    let scratch = tempfile::tempdir().unwrap();
+    let fs_ = plugin(&scratch.path().join("cache"), &[&host], |_| {});
+    let mnt = mountpoint(scratch.path(), "snap");
+    fs_.mount(&mnt, &layer.labels(&host)).unwrap();
+    assert_eq!(fs::read(mnt.join("big.bin")).unwrap(), noise(300_000, 2));
+    assert_eq!(
+        fs::read(mnt.join("etc/hosts")).unwrap(),
+        b"127.0.0.1 localhost\n"
+    );
+    fs_.unmount(&mnt).unwrap();
+}
