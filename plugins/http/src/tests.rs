@@ -723,7 +723,7 @@ fn landmarked_files_are_prefetched_at_mount() {
     };
     let converted = convert_layer(rich_layer().as_slice(), &mut blob, &opts).unwrap();
     let digest = push_blob(&host, &blob);
-    let labels = stargz_labels(&host, &digest, Some(&converted.toc_digest.to_string()));
+    let labels = stargz_labels(&host, &digest, Some(converted.toc_digest.as_ref()));
     let scratch = tempfile::tempdir().unwrap();
     let fs_ = plugin(&scratch.path().join("cache"), &[&host], |_| {});
     let mnt = mountpoint(scratch.path(), "snap");
