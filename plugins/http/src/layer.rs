@@ -511,7 +511,15 @@ impl Layer {
         }
         let mut out = HashMap::new();
         if !mine.is_empty() {
-            let results = self.fetch(mine.iter().map(|(_, c, _)| c));
+            // Waiters must always be woken, even if fetching panics.
+            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.fetch(mine.iter().map(|(_, c, _)| c))
+            }))
+            .unwrap_or_else(|_| {
+                mine.iter()
+                    .map(|_| Err("fetching the chunk panicked".to_string()))
+                    .collect()
+            });
             let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
             for ((key, _, flight), r) in mine.into_iter().zip(results) {
                 flights.remove(&key);
