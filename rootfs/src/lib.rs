@@ -7,6 +7,8 @@
 //! - [`init_rootfs`]: a container's root filesystem over an image.
 //! - [`content`]: the OCI image-layout content store (digest-verified blobs).
 //! - [`mount`]: performing and undoing a snapshotter's mounts; [`export`]: layer stores.
+//! - [`registry`]: the OCI registry client (manifests, verified blob streams, range reads).
+//!   With feature `testing`, `testing` has harnesses for tests (a real registry, a fault proxy).
 //!
 //! ```no_run
 //! use rootfs::applier::ContentApplier;
