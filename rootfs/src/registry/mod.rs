@@ -54,7 +54,7 @@ use tracing::{debug, warn};
 use ureq::Agent;
 use ureq::http::{Response, Uri};
 
-pub use blob::Blob;
+pub use blob::{Blob, MAX_MERGED, MERGE_GAP};
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference};
 
 use crate::content::MAX_JSON_SIZE;
