@@ -463,6 +463,15 @@ fn basic_auth_against_a_registry_with_htpasswd() {
     blob.read_at(0, &mut buf).unwrap();
     assert_eq!(buf, img.layer[..10]);
 
+    // HTTPS against a plain-HTTP registry: a clear, unretried error.
+    let mut o = opts(&[], &config);
+    o.retries = 3; // retried, it would take at least 100 + 200 + 400 ms
+    let tls = Registry::new(o).unwrap();
+    let t = Instant::now();
+    let e = tls.manifest(&r).unwrap_err();
+    assert!(e.to_string().contains("plain_http"), "{e}");
+    assert!(t.elapsed() < Duration::from_millis(600), "not retried");
+
     let empty = TempDir::new().unwrap();
     let anon = Registry::new(opts(&[&reg.host()], &docker_config(empty.path(), &[]))).unwrap();
     let e = anon.manifest(&r).unwrap_err();

@@ -741,6 +741,11 @@ fn classify(what: &str, uri: &Uri, e: ureq::Error) -> Failure {
             Failure::Fatal(Error::InvalidArgument(msg))
         }
         ureq::Error::Tls(_) => Failure::Fatal(Error::Unavailable(msg)),
+        // rustls meeting a peer that does not speak TLS.
+        _ if msg.contains("InvalidContentType") => Failure::Fatal(Error::Unavailable(format!(
+            "{msg} (the server does not speak TLS: a plain-HTTP registry needs plain_http, \
+             e.g. `strata pull --plain-http`)"
+        ))),
         _ => Failure::Transient(Error::Unavailable(msg)),
     }
 }
