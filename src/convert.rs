@@ -95,6 +95,14 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         let mut writer = out_store.writer()?;
         let converted = convert_layer(reader, &mut writer, &opts)
             .with_context(|| format!("convert layer {}", src.digest()))?;
+        if converted.source_diff_id != *layer.diff.digest() {
+            bail!(
+                "layer {}: its uncompressed digest is {}, the image config says {}",
+                src.digest(),
+                converted.source_diff_id,
+                layer.diff.digest()
+            );
+        }
         let (digest, size) = writer
             .commit(Some(&converted.digest))
             .with_context(|| format!("store the eStargz blob of layer {}", src.digest()))?;

@@ -509,3 +509,32 @@ fn stargz_tools_and_strata_read_each_others_estargz() {
     }
     drop(containerd);
 }
+
+#[test]
+fn convert_refuses_a_layer_whose_diff_id_is_not_the_configs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    build_image(&src);
+    let (store, img) = resolve(&src, Some("t"));
+    let mut config: serde_json::Value = store.read_json(img.manifest.config()).unwrap();
+    config["rootfs"]["diff_ids"][1] = serde_json::json!(format!("sha256:{}", "0".repeat(64)));
+    let config_desc = store
+        .write_blob(
+            MediaType::ImageConfig,
+            &serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+    let mut manifest = img.manifest.clone();
+    manifest.set_config(config_desc);
+    store.add_image(&manifest, Some("bad")).unwrap();
+    let out = Command::new(support::strata_bin())
+        .args(["convert", "--estargz"])
+        .arg(format!("{}:bad", src.display()))
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the image config says"), "{stderr}");
+}

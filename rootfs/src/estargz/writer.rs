@@ -78,6 +78,9 @@ pub struct Converted {
     /// Size of the uncompressed tar (the `io.containers.estargz.uncompressed-size`
     /// annotation).
     pub uncompressed_size: u64,
+    /// Digest of the source layer's uncompressed stream (its diff ID, to check against the
+    /// image config).
+    pub source_diff_id: Digest,
 }
 
 /// Converts the layer `src` (plain, gzip or zstd tar, detected by magic bytes) into an eStargz
@@ -120,8 +123,10 @@ pub fn convert_layer(src: impl Read, dst: impl Write, opts: &WriterOptions) -> R
             spool.write_entry(i, &mut out)?;
         }
     }
-    stream.finish()?;
-    out.finish()
+    let (source_diff_id, _) = stream.finish()?;
+    let mut converted = out.finish()?;
+    converted.source_diff_id = source_diff_id;
+    Ok(converted)
 }
 
 /// Entries of the source that the converter writes itself.
@@ -363,6 +368,8 @@ impl<W: Write> LayerWriter<W> {
             diff_id: digest_from_hasher(self.diff),
             toc_digest,
             uncompressed_size: self.uncompressed,
+            // Filled in by convert_layer.
+            source_diff_id: sha256_digest(b""),
         })
     }
 }
@@ -842,6 +849,7 @@ mod tests {
             .unwrap();
         assert_eq!(sha256_digest(&tar), c.diff_id);
         assert_eq!(tar.len() as u64, c.uncompressed_size);
+        assert_eq!(c.source_diff_id, sha256_digest(&src));
     }
 
     #[test]
