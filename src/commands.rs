@@ -96,9 +96,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pull {
             reference,
             plain_http,
+            lazy,
         } => {
             let opts = crate::pull::PullOpts {
                 plain_http,
+                lazy,
                 ..Default::default()
             };
             crate::pull::run(&settings, &reference, &opts)?
@@ -108,6 +110,7 @@ pub fn run(cli: Cli) -> Result<()> {
             target,
             rw,
             name,
+            foreground,
         } => {
             require_root()?;
             let sn = open_snapshotter(&settings)?;
@@ -121,6 +124,9 @@ pub fn run(cli: Cli) -> Result<()> {
             // The mount outlives this process; `strata umount` undoes it.
             rootfs::mount::mount_all(&mounts, &target)?;
             println!("{name}");
+            if foreground {
+                serve_until_unmounted(&target)?;
+            }
             sn.close()?;
         }
         Command::Umount { target, rm, name } => {
@@ -232,6 +238,40 @@ fn remote_state(sn: &OverlaySnapshotter, key: &str) -> String {
         Some(s) => s.state,
         None => "remote".to_string(),
     }
+}
+
+/// Keeps this process (and the FUSE layers it serves) alive until SIGINT/SIGTERM or until
+/// `target` stops being a mount point; unmounts `target` if it still is one.
+fn serve_until_unmounted(target: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let is_mounted = || -> bool {
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        let parent = target.parent().unwrap_or(Path::new("/"));
+        dev(target) != dev(parent)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the signal handler")?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = tick.tick() => if !is_mounted() { break },
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .context("wait for a signal")?;
+    if is_mounted() {
+        rootfs::mount::unmount(target)?;
+    }
+    Ok(())
 }
 
 /// Fails unless running as root (mounting needs it).

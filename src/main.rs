@@ -52,6 +52,10 @@ enum Command {
         /// Talk plain HTTP (not HTTPS) to the registry.
         #[arg(long)]
         plain_http: bool,
+        /// Do not download eStargz layers: the configured backing file system (the `http`
+        /// plugin) mounts them from the registry and fetches what is read.
+        #[arg(long)]
+        lazy: bool,
     },
     /// Unpack if needed, create a container snapshot on the image and mount it.
     Mount {
@@ -65,6 +69,10 @@ enum Command {
         /// Snapshot name (default: `mount:<target>`).
         #[arg(long)]
         name: Option<String>,
+        /// Stay in the foreground serving lazily fetched layers (FUSE, e.g. the http plugin)
+        /// until SIGINT/SIGTERM or until the target is unmounted; then unmount.
+        #[arg(long)]
+        foreground: bool,
     },
     /// Unmount a root filesystem mounted by `strata mount`.
     Umount {

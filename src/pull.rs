@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use oci_spec::image::{Arch, Descriptor, Digest, ImageIndex, ImageManifest, Os};
-use rootfs::applier::ProgressFn;
+use rootfs::applier::{ContentApplier, ProgressFn};
 use rootfs::content::{ContentStore, error_from_io};
 use rootfs::registry::{Reference, Registry, RegistryOptions};
+use rootfs::{Applier, UnpackOpts, Unpacker};
+use snapshot_core::Mount;
 use snapshot_core::Snapshotter;
 
 use crate::commands::{Settings, open_snapshotter, unpack};
@@ -26,6 +28,9 @@ pub struct PullOpts {
     pub plain_http: bool,
     /// Client options (hosts, mirrors, docker config, ...); `plain_http` is added on top.
     pub registry: RegistryOptions,
+    /// Leave eStargz layers in the registry for the configured backing file system to mount
+    /// (fetching a layer only if it cannot be mounted).
+    pub lazy: bool,
 }
 
 /// What to do with one layer blob.
@@ -34,7 +39,6 @@ pub enum LayerPlan {
     /// Download it into the content store (unless it is there already).
     Fetch,
     /// Leave it in the registry (e.g. a remote file system will serve it).
-    #[allow(dead_code)] // the hook of the lazy pull (`--lazy`) returns it
     Skip,
 }
 
@@ -57,19 +61,38 @@ pub fn content_dir(root: &Path) -> PathBuf {
 /// `strata pull`: fetch everything, record the image as `<reference>` in `<root>/content`,
 /// unpack it and print its chain ID.
 pub fn run(settings: &Settings, reference: &str, opts: &PullOpts) -> Result<()> {
+    if opts.lazy && settings.filesystem.is_none() {
+        bail!(
+            "--lazy needs a backing file system that mounts registry layers: \
+             name one in the config ([filesystem] plugin = \"http\")"
+        );
+    }
     let r = Reference::parse(reference)?;
     let registry = Registry::new(registry_options(&r, opts)).context("registry client")?;
     let content = content_dir(&settings.root);
     let store = ContentStore::create(&content)
         .with_context(|| format!("open content store {}", content.display()))?;
     let progress = Progress::new();
-    let fetched = fetch_image(&registry, &r, &store, &progress.callback(), &mut |_, _| {
-        Ok(LayerPlan::Fetch)
-    })?;
+    let fetched = fetch_image(
+        &registry,
+        &r,
+        &store,
+        &progress.callback(),
+        &mut |_, desc| {
+            Ok(if opts.lazy && is_lazy_layer(desc) {
+                LayerPlan::Skip
+            } else {
+                LayerPlan::Fetch
+            })
+        },
+    )?;
     let name = r.to_string();
-    store
-        .add_image(&fetched.manifest, Some(&name))
-        .with_context(|| format!("record {name} in {}", content.display()))?;
+    let added = if opts.lazy {
+        store.add_lazy_image(&fetched.manifest, Some(&name))
+    } else {
+        store.add_image(&fetched.manifest, Some(&name))
+    };
+    added.with_context(|| format!("record {name} in {}", content.display()))?;
     let stats = registry.stats();
     let skipped = fetched
         .plans
@@ -86,14 +109,86 @@ pub fn run(settings: &Settings, reference: &str, opts: &PullOpts) -> Result<()> 
         fetched.manifest_digest
     );
     let sn = open_snapshotter(settings)?;
-    let image = ImageRef {
-        layout: content,
-        reference: Some(name),
+    let chain = if opts.lazy {
+        unpack_lazily(&sn, &registry, &r, &content, &name, &progress)?
+    } else {
+        let image = ImageRef {
+            layout: content,
+            reference: Some(name),
+        };
+        unpack(&sn, &image, settings.filesystem.is_some())?
     };
-    let chain = unpack(&sn, &image, settings.filesystem.is_some())?;
     println!("{chain}");
     sn.close()?;
     Ok(())
+}
+
+/// Whether a layer can be mounted lazily: eStargz with its TOC digest in the manifest.
+fn is_lazy_layer(desc: &Descriptor) -> bool {
+    desc.annotations()
+        .as_ref()
+        .is_some_and(|a| a.contains_key(rootfs::estargz::TOC_DIGEST_ANNOTATION))
+}
+
+/// Unpacks image `name` of `content` layer by layer, asking the backing file system to mount
+/// each layer from the registry (the image reference travels as a label); a layer it cannot
+/// mount is fetched and unpacked.
+fn unpack_lazily(
+    sn: &dyn Snapshotter,
+    registry: &Registry,
+    r: &Reference,
+    content: &Path,
+    name: &str,
+    progress: &Arc<Progress>,
+) -> Result<Digest> {
+    let store = ContentStore::open(content)?;
+    let mut image = store.resolve(Some(name))?;
+    for layer in &mut image.layers {
+        let mut annotations = layer.blob.annotations().clone().unwrap_or_default();
+        annotations.insert(fs_plugin_api::LABEL_IMAGE_REF.to_string(), name.to_string());
+        layer.blob.set_annotations(Some(annotations));
+    }
+    let applier = FetchingApplier {
+        registry,
+        r,
+        store: ContentStore::open(content)?,
+        progress: progress.callback(),
+        inner: ContentApplier::new(store).with_progress(progress.callback()),
+    };
+    // Remote layers need their parent in place: one layer at a time, bottom first.
+    let chain = Unpacker::new()
+        .apply_layers(&image.layers, sn, &applier, &UnpackOpts { max_parallel: 1 })
+        .context("unpack")?;
+    Ok(chain)
+}
+
+/// Downloads a layer blob into the content store when asked to apply it (a layer the backing
+/// file system could not mount), then applies it.
+struct FetchingApplier<'a> {
+    registry: &'a Registry,
+    r: &'a Reference,
+    store: ContentStore,
+    progress: Arc<ProgressFn>,
+    inner: ContentApplier,
+}
+
+impl Applier for FetchingApplier<'_> {
+    fn apply(&self, blob: &Descriptor, mounts: &[Mount]) -> rootfs::Result<Descriptor> {
+        fetch_blob(
+            self.registry,
+            self.r,
+            &self.store,
+            blob,
+            Some(&self.progress),
+        )
+        .map_err(|e| {
+            rootfs::Error::io(
+                format!("fetch layer {}", blob.digest()),
+                io::Error::other(format!("{e:#}")),
+            )
+        })?;
+        self.inner.apply(blob, mounts)
+    }
 }
 
 /// `opts.registry` with `plain_http` set for `r`'s registry when asked.

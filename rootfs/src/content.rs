@@ -343,7 +343,26 @@ impl ContentStore {
     /// store. When the config is an OCI or Docker image config, the index entry gets its
     /// platform. Returns the manifest's descriptor as listed.
     pub fn add_image(&self, manifest: &ImageManifest, tag: Option<&str>) -> Result<Descriptor> {
-        for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
+        self.add(manifest, tag, true)
+    }
+
+    /// [`ContentStore::add_image`] for an image whose layers stay in a registry (a lazy pull):
+    /// only the config must be in the store.
+    pub fn add_lazy_image(
+        &self,
+        manifest: &ImageManifest,
+        tag: Option<&str>,
+    ) -> Result<Descriptor> {
+        self.add(manifest, tag, false)
+    }
+
+    fn add(&self, manifest: &ImageManifest, tag: Option<&str>, layers: bool) -> Result<Descriptor> {
+        let layers = if layers {
+            manifest.layers().as_slice()
+        } else {
+            &[]
+        };
+        for d in std::iter::once(manifest.config()).chain(layers) {
             if !self.contains(d.digest())? {
                 return Err(Error::NotFound(format!(
                     "blob {} referenced by the manifest, in {}",

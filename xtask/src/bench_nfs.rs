@@ -145,7 +145,7 @@ fn measure(local: &Path, nfs: &Path, files: u64, bytes: u64) -> Result<()> {
 }
 
 /// `sync; echo 3 > /proc/sys/vm/drop_caches` (server side and FUSE page cache included).
-fn drop_caches() -> Result<()> {
+pub fn drop_caches() -> Result<()> {
     nix::unistd::sync();
     fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")
 }

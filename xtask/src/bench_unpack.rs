@@ -294,7 +294,7 @@ fn runs() -> Result<usize> {
 }
 
 /// Builds the release `strata` binary and returns its path.
-fn build_strata() -> Result<PathBuf> {
+pub fn build_strata() -> Result<PathBuf> {
     super::run(
         &super::cargo(),
         &["build", "--release", "-p", "strata", "--bin", "strata"],

@@ -1,6 +1,7 @@
 //! Developer commands: `cargo xtask test` (what CI runs) and `cargo xtask bench <name>`.
 
 mod bench_diff;
+mod bench_lazy;
 mod bench_nfs;
 mod bench_serve;
 mod bench_unpack;
@@ -22,6 +23,8 @@ commands:
   bench diff         overlay differ vs walking differ: 100 changed files over the OS image (release build)
   bench serve        `ctr images import` + unpack of an OS image into a private containerd: strata serve
                      as proxy snapshotter vs containerd's overlayfs snapshotter (release build)
+  bench lazy         time to first read and bytes fetched from a local registry: full pull + unpack of
+                     the OS image vs lazy pull of its eStargz form through the http plugin (release build)
   bench nfs          read a whole layer (~300 MB from /usr) through the nfs plugin from a local
                      nfs-ganesha vs from local disk, cold and cached (release build)";
 
@@ -273,6 +276,7 @@ fn bench(name: &str) -> Result<()> {
         "nfs" => bench_nfs::bench_nfs(),
         "unpack" => bench_unpack::bench_unpack(),
         "diff" => bench_diff::bench_diff(),
+        "lazy" => bench_lazy::bench_lazy(),
         other => bail!("unknown benchmark {other:?}\n{USAGE}"),
     }
 }

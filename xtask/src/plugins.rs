@@ -121,6 +121,8 @@ fn install_and_test(
         "local_plugin",
         "--test",
         "nfs_plugin",
+        "--test",
+        "http_plugin",
     ];
     eprintln!(
         "xtask: running {cargo} {} with STRATA_PLUGINS_DIR={} STRATA_PLUGIN_CONFIGS={} STRATA_TEST_PLUGINS_DIR={}",

@@ -285,6 +285,11 @@ impl Plugin for HttpFs {
         let layer = {
             let mounts = self.mounts();
             let Some(m) = mounts.get(&key) else {
+                // Another process (sharing the state dir) may serve the layer: its live FUSE
+                // mount answers stat; a dead one fails with ENOTCONN.
+                if sys::is_mount_point(mountpoint) && std::fs::metadata(mountpoint).is_ok() {
+                    return Ok(());
+                }
                 return Err(Error::Unavailable(format!(
                     "layer {}: not mounted at {} by this plugin",
                     source.digest,
