@@ -217,3 +217,21 @@ fn a_plain_gzip_image_falls_back_to_a_full_pull() {
     );
     assert_eq!(mounts_under(&s.path("root")), Vec::<PathBuf>::new());
 }
+
+#[test]
+fn an_image_converted_by_ctr_remote_is_pulled_lazily_and_reads_like_a_normal_unpack() {
+    let s = Setup::new();
+    let work = s.path("ctr-remote");
+    std::fs::create_dir_all(&work).unwrap();
+    let layout = support::ctr_remote::convert(&s.path("image"), "t", 1_000_000, &work);
+    // ctr-remote's export names the image `example.com/esgz:t`; skopeo wants a tag in the layout.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let tag = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+        .as_str()
+        .unwrap_or("t")
+        .to_string();
+    s.registry.push(&layout, &tag, "stargz/esgz:v1").unwrap();
+    let reference = format!("{}/stargz/esgz:v1", s.registry.host());
+    pulled_lazily_reads_like_a_normal_unpack(&s, "root-ctr", &reference);
+}

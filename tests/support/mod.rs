@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 pub mod containerd;
+pub mod ctr_remote;
 pub mod layers;
 pub mod oci;
 
