@@ -28,6 +28,7 @@ use rootfs::estargz::{
 };
 use sha2::Digest as _;
 use support::containerd::{Containerd, become_subreaper};
+use support::ctr_remote::archive_layout;
 use support::layers::{assert_same_tree, build_image};
 use support::{require_commands, run_ok};
 
@@ -360,18 +361,6 @@ fn convert_without_estargz_or_with_a_bad_source_fails() {
 }
 
 /// Tars an OCI layout directory into an archive `ctr images import` takes.
-fn archive_layout(layout: &Path, archive: &Path) {
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(layout)
-            .arg("-cf")
-            .arg(archive)
-            .args(["oci-layout", "index.json", "blobs"]),
-        RUN_TIMEOUT,
-    );
-}
-
 #[test]
 fn stargz_tools_and_strata_read_each_others_estargz() {
     require_commands(
@@ -386,6 +375,20 @@ fn stargz_tools_and_strata_read_each_others_estargz() {
     let dir = tmp.path();
     let src = dir.join("src");
     build_image(&src);
+    // ctr-remote converts the source; strata's reader must see the source layers.
+    let esgz = support::ctr_remote::convert(&src, "t", 1_000_000, &dir.join("ctr-remote"));
+    let (src_store, src_img) = resolve(&src, Some("t"));
+    let (esgz_store, esgz_img) = resolve(&esgz, None);
+    assert_eq!(esgz_img.layers.len(), src_img.layers.len());
+    let mut reference_tocs = Vec::new();
+    for (s, o) in src_img.layers.iter().zip(&esgz_img.layers) {
+        let annotations = o.blob.annotations().clone().unwrap();
+        let blob = blob_path(&esgz_store, &o.blob);
+        let original = layer_tar(&blob_path(&src_store, &s.blob));
+        assert_layer_reads_as(&blob, &annotations[TOC_DIGEST_ANNOTATION], &original);
+        reference_tocs.push(read_toc(&File::open(&blob).unwrap()).unwrap().toc);
+    }
+
     // Nothing serves this socket: only the content store is used.
     let containerd = Containerd::start(&dir.join("containerd"), &dir.join("unused.sock"));
     let remote = |args: &[&str]| {
@@ -398,58 +401,6 @@ fn stargz_tools_and_strata_read_each_others_estargz() {
             RUN_TIMEOUT,
         )
     };
-
-    // ctr-remote converts the source; strata's reader must see the source layers.
-    let archive = dir.join("src.tar");
-    archive_layout(&src, &archive);
-    containerd.ctr_ok(&[
-        "images",
-        "import",
-        "--no-unpack",
-        "--base-name",
-        "example.com/src",
-        archive.to_str().unwrap(),
-    ]);
-    remote(&[
-        "images",
-        "convert",
-        "--estargz",
-        "--oci",
-        "--estargz-compression-level",
-        "1",
-        "--estargz-chunk-size",
-        "1000000",
-        "example.com/src:t",
-        "example.com/esgz:t",
-    ]);
-    let exported = dir.join("esgz.tar");
-    containerd.ctr_ok(&[
-        "images",
-        "export",
-        exported.to_str().unwrap(),
-        "example.com/esgz:t",
-    ]);
-    let esgz = dir.join("esgz");
-    std::fs::create_dir_all(&esgz).unwrap();
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&esgz)
-            .arg("-xf")
-            .arg(&exported),
-        RUN_TIMEOUT,
-    );
-    let (src_store, src_img) = resolve(&src, Some("t"));
-    let (esgz_store, esgz_img) = resolve(&esgz, None);
-    assert_eq!(esgz_img.layers.len(), src_img.layers.len());
-    let mut reference_tocs = Vec::new();
-    for (s, o) in src_img.layers.iter().zip(&esgz_img.layers) {
-        let annotations = o.blob.annotations().clone().unwrap();
-        let blob = blob_path(&esgz_store, &o.blob);
-        let original = layer_tar(&blob_path(&src_store, &s.blob));
-        assert_layer_reads_as(&blob, &annotations[TOC_DIGEST_ANNOTATION], &original);
-        reference_tocs.push(read_toc(&File::open(&blob).unwrap()).unwrap().toc);
-    }
 
     // strata converts the source; stargz's TOC parser must accept the layers and find the
     // digests strata annotated.

@@ -31,6 +31,7 @@ pub fn convert(src: &Path, tag: &str, chunk_size: u64, work: &Path) -> PathBuf {
         "apt-get install containerd stargz-snapshotter tar",
     );
     become_subreaper();
+    std::fs::create_dir_all(work).unwrap_or_else(|e| panic!("create {}: {e}", work.display()));
     // Nothing serves this socket: only the content store is used.
     let containerd = Containerd::start(&work.join("containerd"), &work.join("unused.sock"));
     let archive = work.join("src.tar");
