@@ -699,11 +699,20 @@ impl Layer {
             if prefetched && self.settings.background_fetch {
                 let chunks = self.uncached_chunks();
                 let batches = fetch::batches(&chunks, BATCH_BYTES);
-                if self.fetch_batches(&chunks, &batches, true, &mut last_status)
-                    && self.fully_cached()
-                {
+                if self.fetch_batches(&chunks, &batches, true, &mut last_status) {
                     let s = self.write_status();
-                    tracing::info!(layer = %self.source.digest, bytes_fetched = s.bytes_fetched, "layer fully cached");
+                    if s.state == "complete" {
+                        tracing::info!(layer = %self.source.digest, bytes_fetched = s.bytes_fetched, "layer fully cached");
+                    } else {
+                        // Every chunk was fetched once, but the cache bound evicted some: do not
+                        // fetch the layer over and over.
+                        tracing::warn!(
+                            layer = %self.source.digest,
+                            bytes_cached = s.bytes_cached,
+                            bytes_total = s.bytes_total,
+                            "background fetch done, but the layer does not fit in the cache (cache_max_bytes)"
+                        );
+                    }
                     break;
                 }
             } else if prefetched {
