@@ -13,29 +13,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::containerd::{Containerd, become_subreaper};
+use support::containerd::{CgroupGuard, Containerd, become_subreaper, is_static_elf};
 use support::oci::{Entry, chain_ids, write_archive};
 use support::{MountGuard, require_commands, run_ok, start_strata};
 
 const IMAGE: &str = "docker.io/library/strata-e2e:latest";
 const BUSYBOX: &str = "/bin/busybox";
-
-/// Whether the ELF file at `path` is statically linked (no `PT_INTERP` program header).
-fn is_static_elf(path: &Path) -> bool {
-    let Ok(b) = std::fs::read(path) else {
-        return false;
-    };
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap()) as usize;
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    (0..phnum).all(|i| {
-        let o = phoff + i * phentsize;
-        o + 4 <= b.len() && u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) != 3
-    })
-}
 
 /// busybox (static) with its applets in the bottom layer, files to keep and to delete; a middle
 /// layer deleting a lower file and a lower directory's content; a top layer with one file.
@@ -127,28 +110,6 @@ fn mount_with_ctr(c: &Containerd, key: &str, target: &Path) -> MountGuard {
         Duration::from_secs(30),
     );
     guard
-}
-
-/// Removes the (empty) private cgroup parent `/<name>` from every hierarchy when dropped.
-struct CgroupGuard(String);
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
-            return;
-        };
-        for h in hierarchies.flatten() {
-            let parent = h.path().join(&self.0);
-            if parent.is_dir() {
-                if let Ok(children) = std::fs::read_dir(&parent) {
-                    for c in children.flatten().filter(|c| c.path().is_dir()) {
-                        let _ = std::fs::remove_dir(c.path());
-                    }
-                }
-                let _ = std::fs::remove_dir(&parent);
-            }
-        }
-    }
 }
 
 #[test]

@@ -235,3 +235,110 @@ fn an_image_converted_by_ctr_remote_is_pulled_lazily_and_reads_like_a_normal_unp
     let reference = format!("{}/stargz/esgz:v1", s.registry.host());
     pulled_lazily_reads_like_a_normal_unpack(&s, "root-ctr", &reference);
 }
+
+/// containerd (Debian's 1.6) with `strata serve` as proxy snapshotter: stargz's `ctr-remote
+/// rpull` pulls an eStargz image through containerd's unpacker, strata's http plugin mounts its
+/// layers from the registry (stargz labels), and a container runs on them.
+#[test]
+fn containerd_rpull_runs_a_container_on_lazily_mounted_layers() {
+    use support::containerd::{CgroupGuard, Containerd, become_subreaper, is_static_elf};
+    use support::oci::{Entry, write_archive};
+    support::require_commands(
+        &[
+            "containerd",
+            "ctr",
+            "ctr-remote",
+            "runc",
+            "containerd-shim-runc-v2",
+        ],
+        "apt-get install containerd runc stargz-snapshotter",
+    );
+    assert!(
+        is_static_elf(Path::new("/bin/busybox")),
+        "expected a static /bin/busybox: apt-get install busybox-static"
+    );
+    become_subreaper();
+    let s = Setup::new();
+    let dir = s.tmp.path();
+    let layers = vec![
+        vec![
+            Entry::Dir("bin", 0o755),
+            Entry::File("bin/busybox", std::fs::read("/bin/busybox").unwrap(), 0o755),
+            Entry::Symlink("bin/sh", "busybox"),
+            Entry::Symlink("bin/cat", "busybox"),
+            Entry::Dir("proc", 0o555),
+            Entry::Dir("sys", 0o555),
+            Entry::Dir("dev", 0o755),
+            Entry::Dir("tmp", 0o1777),
+        ],
+        vec![Entry::File("lazy.txt", b"served lazily\n".to_vec(), 0o644)],
+    ];
+    let archive = dir.join("image.tar");
+    write_archive(&archive, "example.com/lazy:v1", &layers, &["/bin/sh"]);
+    let layout = dir.join("layout");
+    std::fs::create_dir(&layout).unwrap();
+    support::run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-xf")
+            .arg(&archive),
+        Duration::from_secs(60),
+    );
+    strata(&[
+        "convert",
+        "--estargz",
+        layout.to_str().unwrap(),
+        "--out",
+        &format!("{}:v1", s.arg("est")),
+    ]);
+    s.registry
+        .push(&s.path("est"), "v1", "lazy/e2e:v1")
+        .unwrap();
+    let reference = format!("{}/lazy/e2e:v1", s.registry.host());
+
+    let cfg = s.config("root-serve");
+    let sock = dir.join("strata.sock");
+    let serve = support::start_strata(
+        &s.path("root-serve"),
+        &sock,
+        &dir.join("serve.log"),
+        &["--config", &cfg],
+    );
+    let containerd = Containerd::start(&dir.join("containerd"), &sock);
+    support::run_ok(
+        Command::new("ctr-remote")
+            .arg("--address")
+            .arg(containerd.socket())
+            .args(["--namespace", support::containerd::NAMESPACE])
+            .args(["images", "rpull", "--plain-http", "--snapshotter", "strata"])
+            .arg(&reference),
+        Duration::from_secs(120),
+    );
+    let (ls, _) = strata(&["--root", &s.arg("root-serve"), "--config", &cfg, "ls"]);
+    assert_eq!(lazy_lines(&ls), 2, "both layers are remote: {ls}");
+
+    let cgroup = CgroupGuard(format!("strata-lazy-{}", std::process::id()));
+    let out = containerd.ctr_ok(&[
+        "run",
+        "--snapshotter",
+        "strata",
+        "--rm",
+        "--runc-root",
+        dir.join("runc").to_str().unwrap(),
+        "--cgroup",
+        &format!("/{}/lazy-run", cgroup.0),
+        &reference,
+        "lazy-run",
+        "cat",
+        "/lazy.txt",
+    ]);
+    assert_eq!(out, "served lazily\n", "the container reads the lazy layer");
+    assert!(containerd.stop(), "containerd stops on SIGTERM");
+    let status = serve.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "strata serve exits 0: {status:?}"
+    );
+    unmount_all_under(&s.path("root-serve"));
+}
