@@ -6,6 +6,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +46,10 @@ pub fn status_path(mountpoint: &Path) -> PathBuf {
 /// Writes `status` for the layer at `mountpoint` (temp file + rename: readers never see half).
 pub fn write_status(mountpoint: &Path, status: &LayerStatus) -> io::Result<()> {
     let path = status_path(mountpoint);
-    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    // Unique per writer: several threads (or processes) may report at once.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("json.{}.{n}.tmp", std::process::id()));
     let json = serde_json::to_vec_pretty(status).map_err(io::Error::other)?;
     std::fs::write(&tmp, json)?;
     std::fs::rename(&tmp, &path)

@@ -63,7 +63,6 @@ mod fs;
 pub mod labels;
 mod layer;
 mod options;
-mod sys;
 
 #[cfg(test)]
 mod tests;
@@ -89,6 +88,8 @@ use crate::{
     labels::LayerSource,
     layer::{Layer, LayerSettings},
 };
+/// FUSE mount helpers shared by the plugins.
+pub(crate) use fs_plugin_api::fuse as sys;
 
 fs_plugin_api::export_plugin!(
     name = "http",

@@ -30,7 +30,6 @@ mod client;
 mod fs;
 mod index;
 mod options;
-mod sys;
 
 use std::{
     collections::HashMap,
@@ -52,6 +51,8 @@ use crate::{
     fs::{LayerFs, Shared},
     index::LayerIndex,
 };
+/// FUSE mount helpers shared by the plugins.
+pub(crate) use fs_plugin_api::fuse as sys;
 
 fs_plugin_api::export_plugin!(
     name = "nfs",

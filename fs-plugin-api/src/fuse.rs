@@ -1,4 +1,5 @@
-//! Unmounting a FUSE mount, including one with requests in flight, and the mount table.
+//! For plugins that serve layers through FUSE: unmounting (also with requests in flight), the
+//! kernel connection, the mount table.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -6,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fs_plugin_api::model::{Error, Result};
+use crate::model::{Error, Result};
 use nix::{
     errno::Errno,
     mount::{MntFlags, MsFlags, mount, umount2},
