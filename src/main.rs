@@ -152,6 +152,10 @@ enum CompressionArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os(fs_plugin_api::LOG_ENV).is_none() {
+        // SAFETY: no other thread exists yet (nothing has been started).
+        unsafe { std::env::set_var(fs_plugin_api::LOG_ENV, &cli.log_level) };
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()

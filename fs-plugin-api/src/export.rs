@@ -149,6 +149,7 @@ where
     P: Plugin,
     F: FnOnce(O) -> Result<P>,
 {
+    init_logging();
     guarded("new", || {
         let options: O = serde_json::from_str(options_json.as_str())
             .map_err(|e| Error::InvalidArgument(format!("plugin options: {e}")))?;
@@ -160,6 +161,22 @@ where
             TD_Opaque,
         ))
     })
+}
+
+/// Environment variable with the plugin's log filter (`warn`, `info,strata_plugin_http=debug`,
+/// ...). The `strata` program sets it from `--log-level`.
+pub const LOG_ENV: &str = "STRATA_LOG";
+
+/// Sends the plugin's `tracing` events to stderr, filtered by [`LOG_ENV`]. A plugin carries its
+/// own copy of `tracing`, so the host's subscriber never sees them otherwise.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(LOG_ENV)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Fails when already set (a second plugin instance): nothing to do then.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Runs `f`, turning its error or its panic into a [`PluginError`].

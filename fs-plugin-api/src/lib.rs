@@ -29,7 +29,7 @@ pub use adapter::LoadedFileSystem;
 pub use error::{Error, LoadFailure, Result};
 #[doc(hidden)]
 pub use export::__private;
-pub use export::Plugin;
+pub use export::{LOG_ENV, Plugin};
 pub use loader::{PluginInfo, PluginRegistry, Rejected};
 
 /// What plugin authors need from the snapshot model, so that a plugin depends on this crate only.
