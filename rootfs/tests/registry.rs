@@ -266,6 +266,48 @@ fn range_reads_return_the_blob_bytes_and_merge_near_ranges() {
 }
 
 #[test]
+fn a_blob_opened_with_its_tail_reads_its_end_without_more_requests() {
+    let (reg, img) = registry_with_image();
+    let tmp = TempDir::new().unwrap();
+    let client = Registry::new(opts(&[&reg.host()], &docker_config(tmp.path(), &[]))).unwrap();
+    let r = reference(&reg.host());
+    let size = img.layer.len() as u64;
+    let tail = 1000u64.min(size);
+    let before = client.stats();
+    let blob = client
+        .blob_with_tail(&r, &img.layer_digest, Some(size), tail)
+        .unwrap();
+    assert_eq!(blob.size(), size);
+    assert_eq!(client.stats().requests - before.requests, 1, "one probe");
+    let before = client.stats();
+    for (off, len) in [(size - tail, tail as usize), (size - 51, 51), (size - 1, 1)] {
+        let mut buf = vec![0; len];
+        blob.read_at(off, &mut buf).unwrap();
+        assert_eq!(buf, img.layer[off as usize..], "at {off}+{len}");
+    }
+    assert_eq!(
+        client.stats().requests,
+        before.requests,
+        "served from the tail"
+    );
+    // Before the tail: a range request.
+    let mut buf = vec![0; 10];
+    blob.read_at(size - tail - 5, &mut buf).unwrap();
+    assert_eq!(
+        buf,
+        img.layer[(size - tail - 5) as usize..(size - tail + 5) as usize]
+    );
+    assert_eq!(client.stats().requests, before.requests + 1);
+    // A tail larger than the blob is the whole blob.
+    let whole = client
+        .blob_with_tail(&r, &img.layer_digest, None, size + 10)
+        .unwrap();
+    let mut all = vec![0; size as usize];
+    whole.read_at(0, &mut all).unwrap();
+    assert_eq!(all, img.layer);
+}
+
+#[test]
 fn a_registry_ignoring_range_is_read_from_one_download() {
     let (reg, img) = registry_with_image();
     let proxy = FaultProxy::start(reg.addr()).unwrap();

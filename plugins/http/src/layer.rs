@@ -28,6 +28,9 @@ use crate::{
     labels::LayerSource,
 };
 
+/// Bytes of a layer's end fetched with the request that opens it: the footer and, for most
+/// layers, the whole TOC come in one round trip.
+const TOC_TAIL: u64 = 256 << 10;
 /// How often the status file is rewritten while fetching.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// Compressed bytes asked for by one prefetch or background request.
@@ -150,7 +153,7 @@ pub fn resolve(
         }
     }
     let blob = registry
-        .blob(&source.reference, &source.digest, None)
+        .blob_with_tail(&source.reference, &source.digest, None, TOC_TAIL)
         .map_err(|e| error(&what, e))?;
     let recording = Recording {
         blob: &blob,

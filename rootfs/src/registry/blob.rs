@@ -31,6 +31,8 @@ struct BlobInner {
     size: u64,
     /// The whole blob, when the registry ignores `Range`.
     spool: Option<File>,
+    /// The blob's last bytes, read by the opening probe: (their offset, the bytes).
+    tail: Option<(u64, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Blob {
@@ -46,20 +48,29 @@ impl std::fmt::Debug for Blob {
 
 /// What the opening probe found out.
 enum Probe {
-    /// `206`: the registry serves ranges; the blob's size.
-    Ranged(u64),
+    /// `206`: the registry serves ranges; the blob's size, and its tail when one was asked for.
+    Ranged(u64, Option<(u64, Vec<u8>)>),
     /// `200`: the whole blob, spooled; its size.
     Spooled(File, u64),
 }
 
 impl Blob {
+    /// Opens a blob with a probe request: `bytes=0-0`, or with `tail > 0` a suffix range
+    /// `bytes=-<tail>` whose bytes are kept and serve later reads of the blob's end (where an
+    /// eStargz layer keeps its footer and TOC) without another request.
     pub(super) fn open(
         registry: Registry,
         r: &Reference,
         digest: &Digest,
         size: Option<u64>,
+        tail: u64,
     ) -> Result<Blob> {
-        let mut req = blob_req(r, digest, Method::Get, vec![("Range", "bytes=0-0".into())]);
+        let range = if tail > 0 {
+            format!("bytes=-{tail}")
+        } else {
+            "bytes=0-0".to_string()
+        };
+        let mut req = blob_req(r, digest, Method::Get, vec![("Range", range.clone())]);
         req.allow_416 = true;
         let spool_dir = registry
             .options()
@@ -70,24 +81,37 @@ impl Blob {
             let status = resp.status().as_u16();
             match status {
                 206 | 416 => {
-                    let range = header(&resp, "content-range").unwrap_or_default();
-                    let total = parse_total(&range).ok_or_else(|| {
+                    let content_range = header(&resp, "content-range").unwrap_or_default();
+                    let total = parse_total(&content_range).ok_or_else(|| {
                         Failure::Fatal(Error::io(
                             req.what.clone(),
                             io::Error::other(format!(
-                                "HTTP {status} with Content-Range {range:?}"
+                                "HTTP {status} with Content-Range {content_range:?}"
                             )),
                         ))
                     })?;
                     if status == 416 && total != 0 {
                         return Err(Failure::Fatal(Error::io(
                             req.what.clone(),
-                            io::Error::other(format!("range bytes=0-0 not satisfiable ({range})")),
+                            io::Error::other(format!("{range:?} not satisfiable ({content_range})")),
                         )));
                     }
-                    io::copy(&mut registry.body_reader(resp), &mut io::sink())
+                    let mut body = Vec::new();
+                    registry
+                        .body_reader(resp)
+                        .take(tail.max(1))
+                        .read_to_end(&mut body)
                         .map_err(|e| transient_io(&req.what, e))?;
-                    Ok(Probe::Ranged(total))
+                    let kept = match parse_span(&content_range) {
+                        Some((start, end))
+                            if tail > 0 && status == 206 && end + 1 == total
+                                && end + 1 - start == body.len() as u64 =>
+                        {
+                            Some((start, body))
+                        }
+                        _ => None,
+                    };
+                    Ok(Probe::Ranged(total, kept))
                 }
                 _ => {
                     warn!(what = %req.what, status, "the registry ignores Range: spooling the whole blob once");
@@ -129,9 +153,9 @@ impl Blob {
                 }
             }
         })?;
-        let (total, spool) = match probe {
-            Probe::Ranged(t) => (t, None),
-            Probe::Spooled(f, t) => (t, Some(f)),
+        let (total, spool, tail) = match probe {
+            Probe::Ranged(t, tail) => (t, None, tail),
+            Probe::Spooled(f, t) => (t, Some(f), None),
         };
         if let Some(expected) = size
             && expected != total
@@ -150,6 +174,7 @@ impl Blob {
                 digest: digest.clone(),
                 size: total,
                 spool,
+                tail,
             }),
         })
     }
@@ -181,6 +206,13 @@ impl Blob {
             return file
                 .read_exact_at(buf, offset)
                 .map_err(|e| Error::io(format!("read the spooled blob {}", self.inner.digest), e));
+        }
+        if let Some((start, bytes)) = &self.inner.tail
+            && offset >= *start
+        {
+            let from = (offset - start) as usize;
+            buf.copy_from_slice(&bytes[from..from + buf.len()]);
+            return Ok(());
         }
         let end = offset + buf.len() as u64 - 1;
         let r = &self.inner.reference;

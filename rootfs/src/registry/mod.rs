@@ -350,7 +350,20 @@ impl Registry {
     /// an unlinked file in [`RegistryOptions::spool_dir`] that serves all reads. `size`, when
     /// given, must be the blob's size ([`Error::DigestMismatch`] otherwise).
     pub fn blob(&self, r: &Reference, digest: &Digest, size: Option<u64>) -> Result<Blob> {
-        Blob::open(self.clone(), r, digest, size)
+        Blob::open(self.clone(), r, digest, size, 0)
+    }
+
+    /// [`Registry::blob`], fetching the blob's last `tail` bytes with the opening request (a
+    /// suffix range) so that reads of them need no further request: one round trip gets an
+    /// eStargz layer's size, footer and (small) TOC.
+    pub fn blob_with_tail(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        size: Option<u64>,
+        tail: u64,
+    ) -> Result<Blob> {
+        Blob::open(self.clone(), r, digest, size, tail)
     }
 
     /// Streams blob `digest` of `r`'s repository from its start. The stream verifies the blob
