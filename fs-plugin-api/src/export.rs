@@ -170,8 +170,11 @@ pub const LOG_ENV: &str = "STRATA_LOG";
 /// Sends the plugin's `tracing` events to stderr, filtered by [`LOG_ENV`]. A plugin carries its
 /// own copy of `tracing`, so the host's subscriber never sees them otherwise.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env(LOG_ENV)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let wanted = std::env::var(LOG_ENV).unwrap_or_else(|_| "warn".into());
+    // fuser warns when its session's own unmount finds the mount gone, which plugins cause on
+    // purpose (they unmount first, lazily when busy).
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{wanted},fuser::mnt=error"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser::mnt=error"));
     // Fails when already set (a second plugin instance): nothing to do then.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
