@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, umount2};
 use snapshot_core::{
-    CommitOpts, Error, ErrorKind, Kind, LABEL_REMOTE, LABEL_TARGET_REF, Labels, Result,
+    CommitOpts, Error, ErrorKind, FileSystem, Info, Kind, LABEL_REMOTE, LABEL_TARGET_REF, Labels,
+    Result,
 };
 
 use crate::OverlaySnapshotter;
@@ -148,28 +149,25 @@ impl OverlaySnapshotter {
                 Ok(())
             })
         })?;
-        for info in remote {
-            let Some(id) = by_name.get(&info.name) else {
-                continue;
-            };
-            let fs_dir = self.upper_dir(id);
-            if is_mount_point(&fs_dir) {
-                if fs.check(&fs_dir, &info.labels).is_ok() {
-                    continue;
-                }
-                force_unmount_under(&fs_dir);
+        // Layers are independent: remount them a few at a time (each mount reads and indexes
+        // a layer's table of contents, and waits for its backend).
+        let jobs: Vec<(PathBuf, &Info)> = remote
+            .iter()
+            .filter_map(|info| Some((self.upper_dir(by_name.get(&info.name)?), info)))
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = jobs.len().clamp(1, RESTORE_WORKERS);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    while let Some((fs_dir, info)) =
+                        jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        restore_one(fs.as_ref(), fs_dir, info);
+                    }
+                });
             }
-            if let Err(e) = std::fs::create_dir_all(&fs_dir) {
-                tracing::warn!(path = %fs_dir.display(), error = %e, "cannot recreate remote snapshot directory");
-                continue;
-            }
-            match fs.mount(&fs_dir, &info.labels) {
-                Ok(()) => tracing::info!(snapshot = %info.name, "restored remote snapshot"),
-                Err(e) => {
-                    tracing::warn!(snapshot = %info.name, error = %e, "cannot restore remote snapshot; it will be unavailable")
-                }
-            }
-        }
+        });
         Ok(())
     }
 
@@ -198,6 +196,29 @@ impl OverlaySnapshotter {
 /// Whether `kind` of Prepare takes the remote path (only active snapshots do).
 pub(crate) fn wants_remote(kind: Kind, labels: &Labels) -> bool {
     kind == Kind::Active && labels.contains_key(LABEL_TARGET_REF)
+}
+
+/// Remote snapshots remounted at once when a snapshotter opens.
+const RESTORE_WORKERS: usize = 4;
+
+/// Makes one remote snapshot usable again (see `restore_remote`).
+fn restore_one(fs: &dyn FileSystem, fs_dir: &Path, info: &Info) {
+    if is_mount_point(fs_dir) {
+        if fs.check(fs_dir, &info.labels).is_ok() {
+            return;
+        }
+        force_unmount_under(fs_dir);
+    }
+    if let Err(e) = std::fs::create_dir_all(fs_dir) {
+        tracing::warn!(path = %fs_dir.display(), error = %e, "cannot recreate remote snapshot directory");
+        return;
+    }
+    match fs.mount(fs_dir, &info.labels) {
+        Ok(()) => tracing::info!(snapshot = %info.name, "restored remote snapshot"),
+        Err(e) => {
+            tracing::warn!(snapshot = %info.name, error = %e, "cannot restore remote snapshot; it will be unavailable")
+        }
+    }
 }
 
 #[cfg(test)]
