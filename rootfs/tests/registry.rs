@@ -298,6 +298,19 @@ fn a_blob_opened_with_its_tail_reads_its_end_without_more_requests() {
         img.layer[(size - tail - 5) as usize..(size - tail + 5) as usize]
     );
     assert_eq!(client.stats().requests, before.requests + 1);
+    // A server without suffix ranges: the blob opens with a one-byte probe instead.
+    let proxy = FaultProxy::start(reg.addr()).unwrap();
+    proxy.set_mode(Mode::NoSuffixRange);
+    let via = Registry::new(opts(&[&proxy.host()], &docker_config(tmp.path(), &[]))).unwrap();
+    let rp = reference(&proxy.host());
+    let b = via
+        .blob_with_tail(&rp, &img.layer_digest, Some(size), tail)
+        .unwrap();
+    assert!(!b.is_spooled());
+    let mut end = vec![0; 51];
+    b.read_at(size - 51, &mut end).unwrap();
+    assert_eq!(end, img.layer[(size - 51) as usize..]);
+    assert_eq!(proxy.requests(), 3, "suffix probe, one-byte probe, read");
     // A tail larger than the blob is the whole blob.
     let whole = client
         .blob_with_tail(&r, &img.layer_digest, None, size + 10)

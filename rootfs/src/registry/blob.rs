@@ -50,6 +50,8 @@ impl std::fmt::Debug for Blob {
 enum Probe {
     /// `206`: the registry serves ranges; the blob's size, and its tail when one was asked for.
     Ranged(u64, Option<(u64, Vec<u8>)>),
+    /// `416` to a suffix range: ask again with a one-byte range.
+    NoSuffix,
     /// `200`: the whole blob, spooled; its size.
     Spooled(File, u64),
 }
@@ -91,6 +93,10 @@ impl Blob {
                         ))
                     })?;
                     if status == 416 && total != 0 {
+                        if tail > 0 {
+                            // A server without suffix ranges: probe the plain way below.
+                            return Ok(Probe::NoSuffix);
+                        }
                         return Err(Failure::Fatal(Error::io(
                             req.what.clone(),
                             io::Error::other(format!("{range:?} not satisfiable ({content_range})")),
@@ -154,6 +160,7 @@ impl Blob {
             }
         })?;
         let (total, spool, tail) = match probe {
+            Probe::NoSuffix => return Blob::open(registry, r, digest, size, 0),
             Probe::Ranged(t, tail) => (t, None, tail),
             Probe::Spooled(f, t) => (t, Some(f), None),
         };

@@ -37,6 +37,8 @@ pub enum Mode {
     Status(u16),
     /// Close blob GET responses after this many body bytes (a connection lost mid-stream).
     CutAfter(u64),
+    /// Answer `416` to suffix ranges (`Range: bytes=-N`), like servers without them.
+    NoSuffixRange,
 }
 
 /// Authentication the proxy demands itself (in front of an open registry).
@@ -430,6 +432,19 @@ fn handle(client: TcpStream, state: &State) -> io::Result<()> {
         _ => None,
     }) {
         respond(&mut client, &format!("{status} Injected"), &[], b"");
+        return Ok(());
+    }
+    if mode == Mode::NoSuffixRange
+        && req
+            .get("range")
+            .is_some_and(|r| r.trim().starts_with("bytes=-"))
+    {
+        respond(
+            &mut client,
+            "416 Range Not Satisfiable",
+            &[("Content-Range", "bytes */1".into())],
+            b"",
+        );
         return Ok(());
     }
     match &mode {
