@@ -103,6 +103,29 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Waits up to `limit` for a FUSE session to end once its mount is gone, then aborts its kernel
+/// connection (requests waiting on a backend, files still open after a lazy unmount) and waits
+/// `limit` again. False if it never ended: the caller must then leak the session, since dropping
+/// it could unmount whatever is mounted at `mountpoint` next.
+pub fn await_session_end(
+    mountpoint: &Path,
+    connection: u64,
+    limit: Duration,
+    is_finished: impl FnMut() -> bool + Copy,
+) -> bool {
+    if wait_until(limit, is_finished) {
+        return true;
+    }
+    if let Err(e) = abort_connection(connection) {
+        tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "cannot abort the FUSE connection");
+    }
+    if wait_until(limit, is_finished) {
+        return true;
+    }
+    tracing::error!(mountpoint = %mountpoint.display(), "FUSE session did not end; leaving it behind");
+    false
+}
+
 /// Polls `done` every 10 ms until it is true or `limit` has passed; returns the last answer.
 pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

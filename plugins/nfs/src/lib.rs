@@ -258,16 +258,10 @@ impl NfsFs {
             connection,
             ..
         } = mounted;
-        if !sys::wait_until(SESSION_END_WAIT, || session.guard.is_finished()) {
-            if let Err(e) = sys::abort_connection(connection) {
-                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "cannot abort the FUSE connection");
-            }
-            if !sys::wait_until(SESSION_END_WAIT, || session.guard.is_finished()) {
-                // Dropping the session now could unmount whatever is mounted there next.
-                tracing::error!(mountpoint = %mountpoint.display(), "FUSE session did not end; leaving it behind");
-                std::mem::forget(session);
-                return;
-            }
+        let ended = || session.guard.is_finished();
+        if !sys::await_session_end(mountpoint, connection, SESSION_END_WAIT, ended) {
+            std::mem::forget(session);
+            return;
         }
         if let Err(e) = session.join() {
             tracing::debug!(mountpoint = %mountpoint.display(), error = %e, "FUSE session ended with an error");
