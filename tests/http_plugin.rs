@@ -120,11 +120,22 @@ fn lazy_lines(ls: &str) -> usize {
 fn pulled_lazily_reads_like_a_normal_unpack(s: &Setup, root: &str, reference: &str) {
     let cfg = s.config(root);
     let image = pull_lazy(&cfg, &s.path(root), reference);
-    let blobs = std::fs::read_dir(s.path(root).join("content/blobs/sha256"))
-        .unwrap()
-        .count();
-    // The manifest as served, as recorded in the index (re-encoded), and the config.
-    assert_eq!(blobs, 3, "a lazy pull stores manifests and config only");
+    // The content store holds the manifest and config, no layer blob.
+    let blobs = s.path(root).join("content/blobs/sha256");
+    let (_, digest) = image.rsplit_once('@').unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blobs.join(digest.trim_start_matches("sha256:"))).unwrap(),
+    )
+    .unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    for layer in layers {
+        let hex = layer["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        assert!(!blobs.join(hex).exists(), "layer {hex} was downloaded");
+    }
     let (ls, _) = strata(&["--config", &cfg, "ls"]);
     assert_eq!(lazy_lines(&ls), 3, "every layer is remote: {ls}");
 
