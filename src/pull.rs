@@ -143,9 +143,11 @@ fn unpack_lazily(
 ) -> Result<Digest> {
     let store = ContentStore::open(content)?;
     let mut image = store.resolve(Some(name))?;
+    let neighbours = layers_label(&image.layers);
     for layer in &mut image.layers {
         let mut annotations = layer.blob.annotations().clone().unwrap_or_default();
         annotations.insert(fs_plugin_api::LABEL_IMAGE_REF.to_string(), name.to_string());
+        annotations.insert(LABEL_LAYERS.to_string(), neighbours.clone());
         layer.blob.set_annotations(Some(annotations));
     }
     let applier = FetchingApplier {
@@ -160,6 +162,27 @@ fn unpack_lazily(
         .apply_layers(&image.layers, sn, &applier, &UnpackOpts { max_parallel: 1 })
         .context("unpack")?;
     Ok(chain)
+}
+
+/// stargz's label with the image's layer digests: the plugin fetches the other layers' TOCs
+/// while the first one mounts.
+const LABEL_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
+
+/// The comma-separated layer digests, as many as fit in one label (containerd's size limit).
+fn layers_label(layers: &[rootfs::Layer]) -> String {
+    let room = snapshot_core::MAX_LABEL_SIZE - LABEL_LAYERS.len();
+    let mut out = String::new();
+    for l in layers {
+        let d = l.blob.digest().to_string();
+        if out.len() + d.len() + 1 > room {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&d);
+    }
+    out
 }
 
 /// Downloads a layer blob into the content store when asked to apply it (a layer the backing

@@ -18,9 +18,14 @@ use fs_plugin_api::{
     status::{LayerStatus, remove_status, write_status},
 };
 use rootfs::{
-    estargz::{Chunk, Index, IndexOptions, NodeId, OpenedToc, ReadAt, read_toc},
-    registry::{Blob, Registry},
+    estargz::{
+        Chunk, FOOTER_SIZE, Index, IndexOptions, MAX_TOC_COMPRESSED, NodeId, OpenedToc, ReadAt,
+        parse_footer, read_toc,
+    },
+    registry::{Blob, Reference, Registry},
 };
+
+use snapshot_core::identity::Digest;
 
 use crate::{
     cache::{BlobTail, ChunkCache, chunk_key},
@@ -177,6 +182,42 @@ pub fn resolve(
         blob_size: blob.size(),
         blob: Some(blob),
     })
+}
+
+/// Fetches layer `digest`'s footer and TOC into the cache, unverified (mounting the layer later
+/// verifies them against its label), so that its mount needs no network: the other layers of an
+/// image are warmed this way while the first one mounts, as stargz resolves them.
+pub fn warm_toc(
+    registry: &Registry,
+    cache: &ChunkCache,
+    reference: &Reference,
+    digest: &Digest,
+) -> rootfs::Result<()> {
+    if cache.load_toc(digest).is_some() {
+        return Ok(());
+    }
+    let blob = registry.blob_with_tail(reference, digest, None, TOC_TAIL)?;
+    let size = blob.size();
+    let mut footer = vec![0u8; size.min(FOOTER_SIZE) as usize];
+    blob.read_at(size - footer.len() as u64, &mut footer)?;
+    let (toc_offset, _) = parse_footer(&footer)?;
+    let len = size.saturating_sub(toc_offset);
+    if len > TOC_TAIL.max(MAX_TOC_COMPRESSED) {
+        return Err(rootfs::Error::InvalidArchive(format!(
+            "eStargz TOC of {len} bytes is too large"
+        )));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    blob.read_at(toc_offset, &mut bytes)?;
+    cache
+        .store_toc(
+            digest,
+            &BlobTail {
+                blob_size: size,
+                bytes,
+            },
+        )
+        .map_err(|e| rootfs::Error::io(format!("cache the TOC of {digest}"), e))
 }
 
 /// [`resolve`] bounded by `timeout` (the work goes on in the background past it, and is

@@ -68,7 +68,7 @@ mod options;
 mod tests;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -80,6 +80,7 @@ use fs_plugin_api::{
 };
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use rootfs::{estargz::IndexOptions, registry::Registry};
+use snapshot_core::identity::Digest;
 
 pub use crate::options::Options;
 use crate::{
@@ -96,6 +97,9 @@ fs_plugin_api::export_plugin!(
     version = env!("CARGO_PKG_VERSION"),
     constructor = HttpFs::new,
 );
+
+/// Neighbour TOCs fetched at once.
+const WARM_WORKERS: usize = 3;
 
 /// How long unmount waits for a FUSE session to end, before and after aborting it.
 const SESSION_END_WAIT: Duration = Duration::from_secs(2);
@@ -114,6 +118,8 @@ pub struct HttpFs {
     registry: Registry,
     cache: Arc<ChunkCache>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    /// Layers whose TOC is being (or was) fetched ahead of their mount.
+    warmed: Arc<Mutex<HashSet<String>>>,
 }
 
 /// The key of a mountpoint in the table of mounts.
@@ -145,7 +151,52 @@ impl HttpFs {
             registry,
             cache: Arc::new(cache),
             mounts: Mutex::new(HashMap::new()),
+            warmed: Arc::new(Mutex::new(HashSet::new())),
         })
+    }
+
+    /// Fetches the TOCs of the image's other layers (the layers label) in the background, a
+    /// few at a time, so that their mounts find them in the cache.
+    fn warm_neighbours(&self, source: &LayerSource) {
+        let todo: Vec<Digest> = {
+            let mut warmed = self.warmed.lock().unwrap_or_else(|e| e.into_inner());
+            warmed.insert(source.digest.to_string());
+            source
+                .image_layers
+                .iter()
+                .filter(|d| warmed.insert((*d).clone()))
+                .filter_map(|d| d.parse().ok())
+                .collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        let (registry, cache, reference) = (
+            self.registry.clone(),
+            self.cache.clone(),
+            source.reference.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("strata-http-warm".into())
+            .spawn(move || {
+                let next = std::sync::atomic::AtomicUsize::new(0);
+                std::thread::scope(|scope| {
+                    for _ in 0..todo.len().min(WARM_WORKERS) {
+                        scope.spawn(|| {
+                            while let Some(d) =
+                                todo.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                            {
+                                if let Err(e) = layer::warm_toc(&registry, &cache, &reference, d) {
+                                    tracing::debug!(layer = %d, error = %e, "cannot fetch a neighbour layer's TOC ahead");
+                                }
+                            }
+                        });
+                    }
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "cannot start fetching neighbour TOCs");
+        }
     }
 
     fn mounts(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Mounted>> {
@@ -249,6 +300,7 @@ impl Plugin for HttpFs {
             }
         };
         layer.write_status();
+        self.warm_neighbours(&layer.source);
         let worker = layer.clone();
         if let Err(e) = std::thread::Builder::new()
             .name("strata-http-fetch".into())

@@ -793,3 +793,41 @@ fn a_registry_that_ignores_range_still_serves_the_layer() {
     );
     fs_.unmount(&mnt).unwrap();
 }
+
+#[test]
+fn mounting_a_layer_fetches_its_neighbours_tocs_ahead() {
+    let registry = start_registry();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    let host = proxy.host();
+    let a = push_estargz(&host, &rich_layer());
+    let b = push_estargz(
+        &host,
+        &tar_of(&[E::File("b.txt", 0o644, (0, 0), b"layer b\n".to_vec())]),
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let cache = scratch.path().join("cache");
+    let fs_ = plugin(&cache, &[&host], |_| {});
+    let layers = format!("{},{}", a.digest, b.digest);
+    let with_layers = |p: &Pushed| {
+        let mut l = stargz_labels(&host, &p.digest, Some(&p.toc_digest));
+        l.insert(LABEL_STARGZ_LAYERS.into(), layers.clone());
+        l
+    };
+    let mnt_a = mountpoint(scratch.path(), "a");
+    fs_.mount(&mnt_a, &with_layers(&a)).unwrap();
+    let b_toc = cache
+        .join("toc")
+        .join(b.digest.trim_start_matches("sha256:"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b_toc.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(b_toc.exists(), "b's TOC is fetched while a mounts");
+    proxy.reset_counters();
+    let mnt_b = mountpoint(scratch.path(), "b");
+    fs_.mount(&mnt_b, &with_layers(&b)).unwrap();
+    assert_eq!(proxy.requests(), 0, "b mounts from its cached TOC");
+    assert_eq!(fs::read(mnt_b.join("b.txt")).unwrap(), b"layer b\n");
+    fs_.unmount(&mnt_b).unwrap();
+    fs_.unmount(&mnt_a).unwrap();
+}
