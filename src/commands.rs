@@ -126,6 +126,11 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{name}");
             if foreground {
                 serve_until_unmounted(&target)?;
+                if !rw {
+                    // A read-only view holds nothing: do not leave it behind.
+                    sn.remove(&name)
+                        .with_context(|| format!("remove the view {name:?}"))?;
+                }
             }
             sn.close()?;
         }

@@ -70,7 +70,8 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
         /// Stay in the foreground serving lazily fetched layers (FUSE, e.g. the http plugin)
-        /// until SIGINT/SIGTERM or until the target is unmounted; then unmount.
+        /// until SIGINT/SIGTERM or until the target is unmounted; then unmount (and remove the
+        /// snapshot unless `--rw`).
         #[arg(long)]
         foreground: bool,
     },

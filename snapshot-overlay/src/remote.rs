@@ -116,15 +116,36 @@ impl OverlaySnapshotter {
             Ok(out)
         });
         let chain = chain.map_err(|e| Error::Unavailable(format!("snapshot {key:?}: {e}")))?;
-        for (id, info) in chain {
-            fs.check(&self.upper_dir(&id), &info.labels).map_err(|e| {
-                Error::Unavailable(format!(
-                    "layer {:?} (snapshot {id}) unavailable: {e}",
-                    info.name
-                ))
-            })?;
+        // Concurrently, as stargz does: each check may wait for its backend.
+        let failures: Vec<Error> = std::thread::scope(|scope| {
+            let checks: Vec<_> = chain
+                .iter()
+                .map(|(id, info)| {
+                    let dir = self.upper_dir(id);
+                    let fs = fs.clone();
+                    scope.spawn(move || {
+                        fs.check(&dir, &info.labels).map_err(|e| {
+                            Error::Unavailable(format!(
+                                "layer {:?} (snapshot {id}) unavailable: {e}",
+                                info.name
+                            ))
+                        })
+                    })
+                })
+                .collect();
+            checks
+                .into_iter()
+                .filter_map(|c| match c.join() {
+                    Ok(result) => result.err(),
+                    Err(_) => Some(Error::Unavailable("a layer check panicked".into())),
+                })
+                .collect()
+        });
+        // The failure nearest to `key`, as a sequential walk would report it.
+        match failures.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// On open: makes every remote snapshot usable again from its stored labels. A layer that is

@@ -445,7 +445,16 @@ impl Layer {
                 self.source.digest, self.source.reference
             ))
         };
+        let opened = self
+            .blob
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
         let blob = self.blob().map_err(unavailable)?;
+        if opened {
+            // Opening it just now was answered by the registry: that is the check.
+            return Ok(());
+        }
         match blob.check() {
             Ok(()) => Ok(()),
             Err(e) => {

@@ -270,6 +270,18 @@ impl Filesystem for LayerFs {
         });
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Read-only: nothing to flush (fuser's default answers ENOSYS with a warning).
+        reply.ok();
+    }
+
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let Some(node) = self.shared.node(ino) else {
             return reply.error(Errno::ENOENT);
