@@ -62,6 +62,27 @@ pub fn layer_digest(labels: &snapshot_core::Labels) -> Option<&str> {
     .map(String::as_str)
 }
 
+/// Splits a layer digest `sha256:<64 hex>` / `sha512:<128 hex>` into algorithm and hex, as
+/// layer stores name their directories; anything else (which could name a path outside a
+/// store) is an invalid argument.
+pub fn split_layer_digest(digest: &str) -> model::Result<(&str, &str)> {
+    let invalid = || {
+        model::Error::InvalidArgument(format!(
+            "layer digest {digest:?}: expected sha256:<64 lowercase hex>"
+        ))
+    };
+    let (algorithm, hex) = digest.split_once(':').ok_or_else(invalid)?;
+    let len = match algorithm {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => return Err(invalid()),
+    };
+    if hex.len() != len || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(invalid());
+    }
+    Ok((algorithm, hex))
+}
+
 /// The README's plugin, compiled as a doctest so that it keeps up with the API.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
@@ -80,5 +101,23 @@ mod tests {
         assert_eq!(layer_digest(&labels), Some("sha256:cri"));
         labels.insert(LABEL_LAYER_DIGEST.into(), "sha256:strata".into());
         assert_eq!(layer_digest(&labels), Some("sha256:strata"));
+    }
+
+    #[test]
+    fn layer_digests_split_only_when_they_cannot_name_another_path() {
+        let hex = "a".repeat(64);
+        assert_eq!(
+            split_layer_digest(&format!("sha256:{hex}")).unwrap(),
+            ("sha256", hex.as_str())
+        );
+        for bad in [
+            "sha256:../../etc".to_string(),
+            format!("sha256:{}", "A".repeat(64)),
+            format!("md5:{hex}"),
+            hex.clone(),
+            format!("sha512:{hex}"),
+        ] {
+            assert!(split_layer_digest(&bad).is_err(), "{bad}");
+        }
     }
 }

@@ -71,29 +71,9 @@ impl LocalFs {
                 fs_plugin_api::LABEL_LAYER_DIGEST
             ))
         })?;
-        let (algorithm, hex) = parse_digest(digest)?;
+        let (algorithm, hex) = fs_plugin_api::split_layer_digest(digest)?;
         Ok(self.store.join(algorithm).join(hex))
     }
-}
-
-/// Splits `sha256:<64 hex>` / `sha512:<128 hex>`; anything else (which could name a path outside
-/// the store) is an invalid argument.
-fn parse_digest(digest: &str) -> Result<(&str, &str)> {
-    let invalid = || {
-        Error::InvalidArgument(format!(
-            "layer digest {digest:?}: expected sha256:<64 lowercase hex>"
-        ))
-    };
-    let (algorithm, hex) = digest.split_once(':').ok_or_else(invalid)?;
-    let len = match algorithm {
-        "sha256" => 64,
-        "sha512" => 128,
-        _ => return Err(invalid()),
-    };
-    if hex.len() != len || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(invalid());
-    }
-    Ok((algorithm, hex))
 }
 
 impl Plugin for LocalFs {

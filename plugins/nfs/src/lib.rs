@@ -87,25 +87,6 @@ pub struct NfsFs {
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
 }
 
-/// Splits `sha256:<64 hex>` / `sha512:<128 hex>`; anything else is an invalid argument.
-fn parse_digest(digest: &str) -> Result<(&str, &str)> {
-    let invalid = || {
-        Error::InvalidArgument(format!(
-            "layer digest {digest:?}: expected sha256:<64 lowercase hex>"
-        ))
-    };
-    let (algorithm, hex) = digest.split_once(':').ok_or_else(invalid)?;
-    let len = match algorithm {
-        "sha256" => 64,
-        "sha512" => 128,
-        _ => return Err(invalid()),
-    };
-    if hex.len() != len || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(invalid());
-    }
-    Ok((algorithm, hex))
-}
-
 /// The layer digest named by `labels`, validated.
 fn digest_of(labels: &Labels) -> Result<&str> {
     let digest = fs_plugin_api::layer_digest(labels).ok_or_else(|| {
@@ -114,7 +95,7 @@ fn digest_of(labels: &Labels) -> Result<&str> {
             fs_plugin_api::LABEL_LAYER_DIGEST
         ))
     })?;
-    parse_digest(digest)?;
+    fs_plugin_api::split_layer_digest(digest)?;
     Ok(digest)
 }
 
@@ -188,7 +169,7 @@ impl NfsFs {
 
     /// Finds layer `digest` and its metadata index on the server.
     async fn locate(&self, digest: &str) -> Result<Located> {
-        let (algorithm, hex) = parse_digest(digest)?;
+        let (algorithm, hex) = fs_plugin_api::split_layer_digest(digest)?;
         let layer_what = format!("layer {digest}");
         let export_root = self
             .client
@@ -311,7 +292,7 @@ impl Plugin for NfsFs {
             located.index,
             located.layer,
         );
-        let (algorithm, hex) = parse_digest(digest)?;
+        let (algorithm, hex) = fs_plugin_api::split_layer_digest(digest)?;
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::RO,
@@ -352,7 +333,7 @@ impl Plugin for NfsFs {
 
     fn check(&self, mountpoint: &Path, labels: &Labels) -> Result<()> {
         let digest = digest_of(labels)?;
-        let (algorithm, hex) = parse_digest(digest)?;
+        let (algorithm, hex) = fs_plugin_api::split_layer_digest(digest)?;
         let unavailable = |what: String| Error::Unavailable(format!("layer {digest}: {what}"));
         let key = key(mountpoint);
         let (export_root, fileid) = {
@@ -474,7 +455,7 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{digest}: {e}");
         }
         assert_eq!(
-            parse_digest(&format!("sha256:{HEX}")).unwrap(),
+            fs_plugin_api::split_layer_digest(&format!("sha256:{HEX}")).unwrap(),
             ("sha256", HEX)
         );
     }
