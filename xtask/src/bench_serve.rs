@@ -364,7 +364,7 @@ fn build_os_image(out: &Path) -> Result<()> {
         ("/usr/lib", 120 << 20),
     ] {
         let mut taken = 0u64;
-        collect(Path::new(top), budget, &mut files, &mut taken)?;
+        crate::bench_unpack::collect(Path::new(top), budget, &mut files, &mut taken)?;
         total += taken;
     }
     let per_layer = total / BASE_LAYERS as u64 + 1;
@@ -490,37 +490,6 @@ fn build_os_image(out: &Path) -> Result<()> {
     b.into_inner()?.flush()?;
     std::fs::rename(&partial, out)?;
     std::fs::remove_dir_all(&blobs_dir)?;
-    Ok(())
-}
-
-/// Walks `dir` in name order collecting regular files and symlinks with their sizes, until
-/// `budget` bytes of files are taken.
-fn collect(dir: &Path, budget: u64, out: &mut Vec<(PathBuf, u64)>, total: &mut u64) -> Result<()> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        if *total >= budget {
-            return Ok(());
-        }
-        let Ok(md) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        let ft = md.file_type();
-        if ft.is_dir() {
-            collect(&p, budget, out, total)?;
-        } else if ft.is_file() {
-            if File::open(&p).is_err() {
-                continue;
-            }
-            *total += md.len();
-            out.push((p, md.len()));
-        } else if ft.is_symlink() {
-            out.push((p, 0));
-        }
-    }
     Ok(())
 }
 

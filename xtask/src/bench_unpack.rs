@@ -1018,7 +1018,12 @@ fn os_image(dir: &Path) -> Result<()> {
 
 /// Walks `dir` in name order collecting regular files and symlinks with their sizes, until
 /// `budget` bytes of files are taken.
-fn collect(dir: &Path, budget: u64, out: &mut Vec<(PathBuf, u64)>, total: &mut u64) -> Result<()> {
+pub fn collect(
+    dir: &Path,
+    budget: u64,
+    out: &mut Vec<(PathBuf, u64)>,
+    total: &mut u64,
+) -> Result<()> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Ok(());
     };
