@@ -126,6 +126,31 @@ pub fn await_session_end(
     false
 }
 
+/// Unmounts `mountpoint` (lazily when busy; already gone is fine) and ends its FUSE `session`
+/// (kernel connection `connection`): see [`await_session_end`]. A session that never ends is
+/// leaked rather than dropped.
+pub fn unmount_session(
+    mountpoint: &Path,
+    session: fuser::BackgroundSession,
+    connection: u64,
+    limit: Duration,
+) -> Result<()> {
+    let result = match unmount(mountpoint) {
+        // Unmounted behind our back: the session is ending anyway.
+        Err(e) if e.kind() == crate::model::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    let ended = || session.guard.is_finished();
+    if !await_session_end(mountpoint, connection, limit, ended) {
+        std::mem::forget(session);
+        return result;
+    }
+    if let Err(e) = session.join() {
+        tracing::debug!(mountpoint = %mountpoint.display(), error = %e, "FUSE session ended with an error");
+    }
+    result
+}
+
 /// Polls `done` every 10 ms until it is true or `limit` has passed; returns the last answer.
 pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

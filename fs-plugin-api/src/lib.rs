@@ -20,6 +20,7 @@ mod adapter;
 pub mod config;
 mod error;
 mod export;
+#[cfg(feature = "fuse")]
 pub mod fuse;
 mod loader;
 pub mod status;

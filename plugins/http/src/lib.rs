@@ -76,7 +76,7 @@ use std::{
 
 use fs_plugin_api::{
     Plugin,
-    model::{Error, ErrorKind, Labels, Result},
+    model::{Error, Labels, Result},
 };
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use rootfs::{estargz::IndexOptions, registry::Registry};
@@ -203,34 +203,15 @@ impl HttpFs {
         self.mounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Ends a mount's FUSE session: waits for it, aborts its connection if it lingers (reads
-    /// waiting for the registry, files open after a lazy unmount), and joins its thread.
-    fn finish(mounted: Mounted, mountpoint: &Path) {
-        let Mounted {
-            session,
-            connection,
-            ..
-        } = mounted;
-        let ended = || session.guard.is_finished();
-        if !sys::await_session_end(mountpoint, connection, SESSION_END_WAIT, ended) {
-            std::mem::forget(session);
-            return;
-        }
-        if let Err(e) = session.join() {
-            tracing::debug!(mountpoint = %mountpoint.display(), error = %e, "FUSE session ended with an error");
-        }
-    }
-
     /// Unmounts a mount of this plugin.
     fn unmount_mounted(mounted: Mounted, mountpoint: &Path) -> Result<()> {
         mounted.layer.cancel();
-        let result = match sys::unmount(mountpoint) {
-            // Unmounted behind our back: the session is ending anyway.
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            other => other,
-        };
-        Self::finish(mounted, mountpoint);
-        result
+        sys::unmount_session(
+            mountpoint,
+            mounted.session,
+            mounted.connection,
+            SESSION_END_WAIT,
+        )
     }
 }
 

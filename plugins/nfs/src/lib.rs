@@ -231,34 +231,15 @@ impl NfsFs {
         })
     }
 
-    /// Ends a mount's FUSE session: waits for it, aborts its connection if it lingers (files
-    /// still open after a lazy unmount), and joins its thread.
-    fn finish(mounted: Mounted, mountpoint: &Path) {
-        let Mounted {
-            session,
-            connection,
-            ..
-        } = mounted;
-        let ended = || session.guard.is_finished();
-        if !sys::await_session_end(mountpoint, connection, SESSION_END_WAIT, ended) {
-            std::mem::forget(session);
-            return;
-        }
-        if let Err(e) = session.join() {
-            tracing::debug!(mountpoint = %mountpoint.display(), error = %e, "FUSE session ended with an error");
-        }
-    }
-
     /// Unmounts a mount of this plugin.
     fn unmount_mounted(mounted: Mounted, mountpoint: &Path) -> Result<()> {
         mounted.shared.cancel();
-        let result = match sys::unmount(mountpoint) {
-            // Unmounted behind our back: the session is ending anyway.
-            Err(e) if e.kind() == fs_plugin_api::model::ErrorKind::NotFound => Ok(()),
-            other => other,
-        };
-        Self::finish(mounted, mountpoint);
-        result
+        sys::unmount_session(
+            mountpoint,
+            mounted.session,
+            mounted.connection,
+            SESSION_END_WAIT,
+        )
     }
 }
 
