@@ -16,23 +16,7 @@ use std::time::Duration;
 
 use rootfs::testing::TestRegistry;
 use support::layers::{assert_same_tree, build_image};
-use support::{Daemon, mounts_under, unmount_all_under, wait_until};
-
-fn strata(args: &[&str]) -> (String, String) {
-    let out = Command::new(support::strata_bin())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "strata {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
+use support::{Daemon, mounts_under, strata_run, unmount_all_under, wait_until};
 
 fn plugins_dir() -> String {
     std::env::var("STRATA_PLUGINS_DIR").expect(
@@ -86,7 +70,7 @@ impl Setup {
         let plain = self.path("rootfs-plain");
         std::fs::create_dir(&plain).unwrap();
         let guard = support::MountGuard(plain.clone());
-        strata(&[
+        strata_run(&[
             "--root",
             &self.arg("root-plain"),
             "mount",
@@ -101,7 +85,7 @@ impl Setup {
 
 /// Pulls `reference` lazily with `cfg`; returns the content-store image of the pull.
 fn pull_lazy(cfg: &str, root: &Path, reference: &str) -> String {
-    let (_, stderr) = strata(&["--config", cfg, "pull", "--lazy", "--plain-http", reference]);
+    let (_, stderr) = strata_run(&["--config", cfg, "pull", "--lazy", "--plain-http", reference]);
     let digest = stderr
         .split_whitespace()
         .find_map(|w| w.rsplit_once('@').map(|(_, d)| d.to_string()))
@@ -136,7 +120,7 @@ fn pulled_lazily_reads_like_a_normal_unpack(s: &Setup, root: &str, reference: &s
             .trim_start_matches("sha256:");
         assert!(!blobs.join(hex).exists(), "layer {hex} was downloaded");
     }
-    let (ls, _) = strata(&["--config", &cfg, "ls"]);
+    let (ls, _) = strata_run(&["--config", &cfg, "ls"]);
     assert_eq!(lazy_lines(&ls), 3, "every layer is remote: {ls}");
 
     let target = s.path(&format!("{root}-rootfs"));
@@ -158,7 +142,7 @@ fn pulled_lazily_reads_like_a_normal_unpack(s: &Setup, root: &str, reference: &s
         Duration::from_secs(60),
         || target.join("usr").exists(),
     );
-    let (ls, _) = strata(&["--config", &cfg, "ls"]);
+    let (ls, _) = strata_run(&["--config", &cfg, "ls"]);
     assert!(ls.contains(" lazy "), "lazy layers report progress: {ls}");
 
     let (plain, _guard) = s.plain_mount();
@@ -189,7 +173,7 @@ fn pulled_lazily_reads_like_a_normal_unpack(s: &Setup, root: &str, reference: &s
 #[test]
 fn an_image_converted_by_strata_is_pulled_lazily_and_reads_like_a_normal_unpack() {
     let s = Setup::new();
-    strata(&[
+    strata_run(&[
         "convert",
         "--estargz",
         &format!("{}:t", s.arg("image")),
@@ -211,7 +195,7 @@ fn a_plain_gzip_image_falls_back_to_a_full_pull() {
         .unwrap();
     let cfg = s.config("root");
     let reference = format!("{}/plain/img:v1", s.registry.host());
-    let (chain, _) = strata(&[
+    let (chain, _) = strata_run(&[
         "--config",
         &cfg,
         "pull",
@@ -219,7 +203,7 @@ fn a_plain_gzip_image_falls_back_to_a_full_pull() {
         "--plain-http",
         &reference,
     ]);
-    let (ls, _) = strata(&["--config", &cfg, "ls"]);
+    let (ls, _) = strata_run(&["--config", &cfg, "ls"]);
     assert!(ls.contains(chain.trim()), "{ls}");
     assert_eq!(
         lazy_lines(&ls),
@@ -296,7 +280,7 @@ fn containerd_rpull_runs_a_container_on_lazily_mounted_layers() {
             .arg(&archive),
         Duration::from_secs(60),
     );
-    strata(&[
+    strata_run(&[
         "convert",
         "--estargz",
         layout.to_str().unwrap(),
@@ -326,7 +310,7 @@ fn containerd_rpull_runs_a_container_on_lazily_mounted_layers() {
             .arg(&reference),
         Duration::from_secs(120),
     );
-    let (ls, _) = strata(&["--root", &s.arg("root-serve"), "--config", &cfg, "ls"]);
+    let (ls, _) = strata_run(&["--root", &s.arg("root-serve"), "--config", &cfg, "ls"]);
     assert_eq!(lazy_lines(&ls), 2, "both layers are remote: {ls}");
 
     let cgroup = CgroupGuard(format!("strata-lazy-{}", std::process::id()));

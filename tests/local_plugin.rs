@@ -6,21 +6,12 @@
 //! `STRATA_PLUGINS_DIR` (it is `test = false`, so a plain `cargo test` does not pick it up).
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
+mod support;
+
+use support::strata_ok;
+
 use std::path::Path;
 use std::process::Command;
-
-fn strata(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "strata {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn mounted_under(dir: &Path) -> usize {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -40,14 +31,14 @@ fn layers_in_a_local_store_are_mounted_not_unpacked() {
 
     // Node 1 builds the image and publishes its layers into the store.
     let image = format!("{}:demo", p("image"));
-    strata(&["--root", &p("root1"), "demo", "--image", &p("image")]);
-    let exported = strata(&["export", "--to", &p("store"), &image]);
+    strata_ok(&["--root", &p("root1"), "demo", "--image", &p("image")]);
+    let exported = strata_ok(&["export", "--to", &p("store"), &image]);
     assert_eq!(exported.lines().count(), 3, "{exported}");
     assert!(
         exported.lines().all(|l| l.ends_with("Written")),
         "{exported}"
     );
-    let again = strata(&["export", "--to", &p("store"), &image]);
+    let again = strata_ok(&["export", "--to", &p("store"), &image]);
     assert!(
         again.lines().all(|l| l.ends_with("Present")),
         "export is idempotent: {again}"
@@ -65,8 +56,8 @@ fn layers_in_a_local_store_are_mounted_not_unpacked() {
     )
     .unwrap();
     let cfg = config.display().to_string();
-    let chain = strata(&["--config", &cfg, "unpack", &image]);
-    let ls = strata(&["--config", &cfg, "ls"]);
+    let chain = strata_ok(&["--config", &cfg, "unpack", &image]);
+    let ls = strata_ok(&["--config", &cfg, "ls"]);
     let remote = ls.lines().filter(|l| l.contains(" remote ")).count();
     assert_eq!(remote, 3, "every layer is a remote snapshot: {ls}");
     assert!(ls.contains(chain.trim()), "{ls}");
@@ -98,19 +89,19 @@ fn layers_in_a_local_store_are_mounted_not_unpacked() {
         ..Default::default()
     };
     fs_plugin_api::status::write_status(&some_layer.join("fs"), &status).unwrap();
-    let ls = strata(&["--config", &cfg, "ls"]);
+    let ls = strata_ok(&["--config", &cfg, "ls"]);
     assert_eq!(ls.matches(" lazy 42% ").count(), 1, "{ls}");
     fs_plugin_api::status::remove_status(&some_layer.join("fs")).unwrap();
 
     let target = tmp.path().join("rootfs");
     std::fs::create_dir(&target).unwrap();
     let t = target.display().to_string();
-    strata(&["--config", &cfg, "mount", &image, &t, "--rw", "--name", "c"]);
+    strata_ok(&["--config", &cfg, "mount", &image, &t, "--rw", "--name", "c"]);
     let top = std::fs::read_to_string(target.join("top.txt"));
     let motd = target.join("etc/motd").exists();
     let stale = target.join("var/cache/stale").exists();
     std::fs::write(target.join("scratch"), "x").unwrap();
-    strata(&["--config", &cfg, "umount", &t, "--rm", "--name", "c"]);
+    strata_ok(&["--config", &cfg, "umount", &t, "--rm", "--name", "c"]);
     assert_eq!(top.unwrap(), "hello from the top layer\n");
     assert!(!motd, "whiteout from the store layer applies");
     assert!(!stale, "opaque directory from the store layer applies");
@@ -118,8 +109,8 @@ fn layers_in_a_local_store_are_mounted_not_unpacked() {
 
     // Remove everything: remote layers are unmounted, the store is intact.
     let init = format!("{} linux-init", chain.trim());
-    strata(&["--config", &cfg, "rm", &init]);
-    let ls = strata(&["--config", &cfg, "ls"]);
+    strata_ok(&["--config", &cfg, "rm", &init]);
+    let ls = strata_ok(&["--config", &cfg, "ls"]);
     let mut names: Vec<(String, String)> = ls
         .lines()
         .skip(1)
@@ -134,7 +125,7 @@ fn layers_in_a_local_store_are_mounted_not_unpacked() {
         .position(|(n, _)| !names.iter().any(|(_, parent)| parent == n))
     {
         let (n, _) = names.remove(i);
-        strata(&["--config", &cfg, "rm", &n]);
+        strata_ok(&["--config", &cfg, "rm", &n]);
     }
     assert_eq!(mounted_under(&root2), 0, "no mount left behind");
     assert!(

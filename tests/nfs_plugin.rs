@@ -24,19 +24,7 @@ use std::{
 use nfs_server::NfsServer;
 use snapshot_core::{ErrorKind, FileSystem, Labels, Snapshotter};
 use support::layers::{CAPABILITY, assert_same_tree, build_image, xattr};
-
-fn strata(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "strata {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use support::strata_ok;
 
 fn plugins_dir() -> String {
     std::env::var("STRATA_PLUGINS_DIR").expect(
@@ -73,7 +61,7 @@ impl Setup {
         build_image(&layout);
         let image = format!("{}:t", layout.display());
         let export = tmp.path().join("export");
-        let exported = strata(&["export", "--to", export.to_str().unwrap(), &image]);
+        let exported = strata_ok(&["export", "--to", export.to_str().unwrap(), &image]);
         assert_eq!(exported.lines().count(), 3, "{exported}");
         let server = NfsServer::start_on_free_ports(&export);
         Setup { tmp, image, server }
@@ -153,8 +141,8 @@ fn an_exported_image_mounts_from_nfs_exactly_as_a_normal_unpack() {
     let cfg = s.config("root-nfs", 5000);
 
     // Node 2 unpacks from NFS: every layer is a remote snapshot.
-    let chain = strata(&["--config", &cfg, "unpack", &s.image]);
-    let ls = strata(&["--config", &cfg, "ls"]);
+    let chain = strata_ok(&["--config", &cfg, "unpack", &s.image]);
+    let ls = strata_ok(&["--config", &cfg, "ls"]);
     assert_eq!(remote_count(&ls), 3, "every layer is remote: {ls}");
     assert!(ls.contains(chain.trim()), "{ls}");
 
@@ -163,7 +151,7 @@ fn an_exported_image_mounts_from_nfs_exactly_as_a_normal_unpack() {
     std::fs::create_dir(&plain).unwrap();
     let _plain_guard = Unmount(plain.clone());
     let root_plain = s.path("root-plain");
-    strata(&[
+    strata_ok(&[
         "--root",
         root_plain.to_str().unwrap(),
         "mount",
@@ -296,9 +284,9 @@ fn a_layer_missing_from_the_store_is_unpacked_instead() {
 
     // The snapshotter falls back to unpacking that layer; the others stay remote.
     let cfg = s.config("root", 5000);
-    let chain = strata(&["--config", &cfg, "unpack", &s.image]);
+    let chain = strata_ok(&["--config", &cfg, "unpack", &s.image]);
     assert!(!chain.trim().is_empty());
-    let ls = strata(&["--config", &cfg, "ls"]);
+    let ls = strata_ok(&["--config", &cfg, "ls"]);
     assert_eq!(remote_count(&ls), 2, "{ls}");
     let local: Vec<&str> = ls
         .lines()

@@ -22,6 +22,25 @@ pub fn strata_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_strata"))
 }
 
+/// Runs `strata <args>` and requires success; returns its standard output and error.
+pub fn strata_run(args: &[&str]) -> (String, String) {
+    let out = Command::new(strata_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "strata {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Runs `strata <args>` and requires success; returns its standard output.
+pub fn strata_ok(args: &[&str]) -> String {
+    strata_run(args).0
+}
+
 /// Fails the test unless every command is on `PATH` (`cargo xtask test` installs them).
 pub fn require_commands(cmds: &[&str], install_hint: &str) {
     let path = std::env::var_os("PATH").unwrap_or_default();
