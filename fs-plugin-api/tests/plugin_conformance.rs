@@ -694,8 +694,10 @@ impl RegistryServer {
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            if std::net::TcpStream::connect(host).is_ok()
-                && server.http("GET", "/v2/", b"").0 == 200
+            // A registry still starting may accept and then reset a connection.
+            if server
+                .try_http("GET", "/v2/", b"")
+                .is_ok_and(|(status, _)| status == 200)
             {
                 return server;
             }
@@ -711,28 +713,31 @@ impl RegistryServer {
 
     /// One HTTP/1.1 exchange (`Connection: close`): status and body (headers folded in).
     fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        self.try_http(method, path, body).unwrap()
+    }
+
+    /// [`RegistryServer::http`], with I/O errors returned.
+    fn try_http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.host).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-            .unwrap();
+        let mut s = std::net::TcpStream::connect(&self.host)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
         write!(
             s,
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\
              Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
             self.host,
             body.len()
-        )
-        .unwrap();
-        s.write_all(body).unwrap();
+        )?;
+        s.write_all(body)?;
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
+        s.read_to_end(&mut raw)?;
         let text = String::from_utf8_lossy(&raw).into_owned();
         let status = text
             .split(' ')
             .nth(1)
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        (status, text)
+        Ok((status, text))
     }
 
     /// Uploads `blob` (digest `digest`) into [`HTTP_REPO`] (monolithic upload).
