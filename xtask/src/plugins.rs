@@ -170,15 +170,16 @@ fn backend_options(name: &str, dir: &Path) -> Result<String> {
             ))
         }
         "http" => {
-            // The conformance suite starts docker-registry on this port (free now). No prefetch
-            // and no background fetch: a layer that became fully cached would pass Check
-            // without asking the registry, so the suite's "backend gone" check would mean
-            // nothing.
+            // The conformance suite starts docker-registry on this port (free now). No prefetch,
+            // no background fetch and no check interval: a layer that became fully cached, or
+            // was answered for lately, would pass Check without asking the registry, so the
+            // suite's "backend gone" check would mean nothing.
             let cache = dir.join("cache");
             fs::create_dir_all(&cache).with_context(|| format!("create {}", cache.display()))?;
             let [port, _] = free_ports()?;
             Ok(format!(
                 "cache_dir = {}\nprefetch_bytes = 0\nbackground_fetch = false\nresolve_timeout_secs = 20\n\
+                 check_interval_secs = 0\n\
                  registry = {{ timeout_secs = 5, retries = 1, hosts = {{ \"127.0.0.1:{port}\" = {{ plain_http = true }} }} }}\n",
                 toml_string(&cache.to_string_lossy())
             ))

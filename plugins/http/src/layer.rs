@@ -52,8 +52,9 @@ pub fn error(context: impl std::fmt::Display, e: rootfs::Error) -> Error {
 pub struct Resolved {
     /// The file tree.
     pub index: Index,
-    /// The blob, if it was opened (not when the TOC came from the cache).
-    pub blob: Option<Blob>,
+    /// The blob, if it was opened (not when the TOC came from the cache and no one had opened
+    /// it ahead), and when the registry answered that open.
+    pub blob: Option<(Blob, Instant)>,
     /// The blob's size.
     pub blob_size: u64,
 }
@@ -128,11 +129,13 @@ pub fn verify_toc(
 
 /// Finds layer `source`: its TOC from the cache when there (no network), else footer and TOC
 /// from the registry (a layer that is not eStargz fails after reading the footer); the TOC is
-/// verified and its tree built.
+/// verified and its tree built. `opened`: the blob, if something (the TOC warmer) opened it
+/// ahead.
 pub fn resolve(
     registry: &Registry,
     cache: &ChunkCache,
     source: &LayerSource,
+    opened: Option<(Blob, Instant)>,
     allow_no_verification: bool,
     index_options: &IndexOptions,
 ) -> Result<Resolved> {
@@ -140,14 +143,15 @@ pub fn resolve(
     let build = |opened: &OpenedToc| {
         Index::build(&opened.toc, opened.toc_offset, index_options).map_err(|e| error(&what, e))
     };
+    let blob = opened;
     if let Some(tail) = cache.load_toc(&source.digest) {
         match read_toc(&tail) {
-            Ok(opened) => {
-                verify_toc(source, &opened, allow_no_verification)?;
+            Ok(toc) => {
+                verify_toc(source, &toc, allow_no_verification)?;
                 tracing::debug!(layer = %source.digest, "TOC from the cache");
                 return Ok(Resolved {
-                    index: build(&opened)?,
-                    blob: None,
+                    index: build(&toc)?,
+                    blob: blob.filter(|(b, _)| b.size() == tail.blob_size),
                     blob_size: tail.blob_size,
                 });
             }
@@ -160,6 +164,7 @@ pub fn resolve(
     let blob = registry
         .blob_with_tail(&source.reference, &source.digest, None, TOC_TAIL)
         .map_err(|e| error(&what, e))?;
+    let answered = Instant::now();
     let recording = Recording {
         blob: &blob,
         pieces: Mutex::new(Vec::new()),
@@ -180,23 +185,25 @@ pub fn resolve(
     Ok(Resolved {
         index,
         blob_size: blob.size(),
-        blob: Some(blob),
+        blob: Some((blob, answered)),
     })
 }
 
 /// Fetches layer `digest`'s footer and TOC into the cache, unverified (mounting the layer later
 /// verifies them against its label), so that its mount needs no network: the other layers of an
-/// image are warmed this way while the first one mounts, as stargz resolves them.
+/// image are warmed this way while the first one mounts, as stargz resolves them. Returns the
+/// blob if it was opened (for the layer's mount to use), and when the registry answered.
 pub fn warm_toc(
     registry: &Registry,
     cache: &ChunkCache,
     reference: &Reference,
     digest: &Digest,
-) -> rootfs::Result<()> {
+) -> rootfs::Result<Option<(Blob, Instant)>> {
     if cache.load_toc(digest).is_some() {
-        return Ok(());
+        return Ok(None);
     }
     let blob = registry.blob_with_tail(reference, digest, None, TOC_TAIL)?;
+    let answered = Instant::now();
     let size = blob.size();
     let mut footer = vec![0u8; size.min(FOOTER_SIZE) as usize];
     blob.read_at(size - footer.len() as u64, &mut footer)?;
@@ -217,7 +224,8 @@ pub fn warm_toc(
                 bytes,
             },
         )
-        .map_err(|e| rootfs::Error::io(format!("cache the TOC of {digest}"), e))
+        .map_err(|e| rootfs::Error::io(format!("cache the TOC of {digest}"), e))?;
+    Ok(Some((blob, answered)))
 }
 
 /// [`resolve`] bounded by `timeout` (the work goes on in the background past it, and is
@@ -227,6 +235,7 @@ pub fn resolve_within(
     registry: Registry,
     cache: Arc<ChunkCache>,
     source: LayerSource,
+    opened: Option<(Blob, Instant)>,
     allow_no_verification: bool,
     index_options: IndexOptions,
 ) -> Result<Resolved> {
@@ -239,6 +248,7 @@ pub fn resolve_within(
                 &registry,
                 &cache,
                 &source,
+                opened,
                 allow_no_verification,
                 &index_options,
             );
@@ -303,6 +313,8 @@ pub struct LayerSettings {
     pub prefetch_bytes: u64,
     /// Fetch the whole layer in the background.
     pub background_fetch: bool,
+    /// How long an answer of the registry for this blob stands as a passed Check.
+    pub check_interval: Duration,
 }
 
 /// A mounted layer.
@@ -315,6 +327,8 @@ pub struct Layer {
     pub blob_size: u64,
     registry: Registry,
     blob: Mutex<Option<Blob>>,
+    /// When the registry last served this blob (an open, a Check, a fetch).
+    answered: Mutex<Option<Instant>>,
     cache: Arc<ChunkCache>,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     /// Every distinct chunk of the layer, by blob offset.
@@ -357,12 +371,14 @@ impl Layer {
         chunks.sort_by_key(|c| (c.blob_offset, c.inner_offset));
         chunks.dedup_by_key(|c| (c.blob_offset, c.inner_offset));
         let payload_total = chunks.iter().map(|c| c.size).sum();
+        let (blob, answered) = resolved.blob.unzip();
         Arc::new(Layer {
             source,
             index: resolved.index,
             blob_size: resolved.blob_size,
             registry,
-            blob: Mutex::new(resolved.blob),
+            blob: Mutex::new(blob),
+            answered: Mutex::new(answered),
             cache,
             flights: Mutex::new(HashMap::new()),
             chunks,
@@ -409,7 +425,21 @@ impl Layer {
             Some(self.blob_size),
         )?;
         *blob = Some(b.clone());
+        self.mark_answered();
         Ok(b)
+    }
+
+    /// Records that the registry just served the blob.
+    fn mark_answered(&self) {
+        *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether the registry served the blob within the check interval.
+    fn answered_recently(&self) -> bool {
+        self.answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < self.settings.check_interval)
     }
 
     fn key(&self, chunk: &Chunk) -> String {
@@ -434,9 +464,10 @@ impl Layer {
             .all(|c| self.cache.contains(&self.key(c)))
     }
 
-    /// Checks the registry still serves the blob (or every chunk is local).
+    /// Checks the registry still serves the blob (or every chunk is local). An answer of the
+    /// registry younger than the check interval counts, as in stargz (`valid_interval`).
     pub fn check(&self) -> Result<()> {
-        if self.fully_cached() {
+        if self.fully_cached() || self.answered_recently() {
             return Ok(());
         }
         let unavailable = |e: rootfs::Error| {
@@ -456,7 +487,10 @@ impl Layer {
             return Ok(());
         }
         match blob.check() {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.mark_answered();
+                Ok(())
+            }
             Err(e) => {
                 // Open it afresh next time (a registry that came back, a new connection).
                 *self.blob.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -604,6 +638,7 @@ impl Layer {
                 return chunks.iter().map(|_| Err(msg.clone())).collect();
             }
         };
+        self.mark_answered();
         let fetched: u64 = ranges.iter().map(|r| r.1).sum();
         self.counters
             .bytes_fetched

@@ -71,7 +71,7 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use fs_plugin_api::{
@@ -79,7 +79,10 @@ use fs_plugin_api::{
     model::{Error, Labels, Result},
 };
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
-use rootfs::{estargz::IndexOptions, registry::Registry};
+use rootfs::{
+    estargz::IndexOptions,
+    registry::{Blob, Reference, Registry},
+};
 use snapshot_core::identity::Digest;
 
 pub use crate::options::Options;
@@ -120,6 +123,13 @@ pub struct HttpFs {
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
     /// Layers whose TOC is being (or was) fetched ahead of their mount.
     warmed: Arc<Mutex<HashSet<String>>>,
+    /// Blobs the TOC warmer opened, for their layers' mounts (keyed by [`opened_key`]).
+    opened: Arc<Mutex<HashMap<String, (Blob, Instant)>>>,
+}
+
+/// The key of a layer's blob in [`HttpFs::opened`].
+fn opened_key(reference: &Reference, digest: &Digest) -> String {
+    format!("{reference}@{digest}")
 }
 
 /// The key of a mountpoint in the table of mounts.
@@ -152,6 +162,7 @@ impl HttpFs {
             cache: Arc::new(cache),
             mounts: Mutex::new(HashMap::new()),
             warmed: Arc::new(Mutex::new(HashSet::new())),
+            opened: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -171,10 +182,11 @@ impl HttpFs {
         if todo.is_empty() {
             return;
         }
-        let (registry, cache, reference) = (
+        let (registry, cache, reference, opened) = (
             self.registry.clone(),
             self.cache.clone(),
             source.reference.clone(),
+            self.opened.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("strata-http-warm".into())
@@ -186,8 +198,17 @@ impl HttpFs {
                             while let Some(d) =
                                 todo.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                             {
-                                if let Err(e) = layer::warm_toc(&registry, &cache, &reference, d) {
-                                    tracing::debug!(layer = %d, error = %e, "cannot fetch a neighbour layer's TOC ahead");
+                                match layer::warm_toc(&registry, &cache, &reference, d) {
+                                    Ok(Some(blob)) => {
+                                        opened
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .insert(opened_key(&reference, d), blob);
+                                    }
+                                    Ok(None) => {}
+                                    Err(e) => {
+                                        tracing::debug!(layer = %d, error = %e, "cannot fetch a neighbour layer's TOC ahead");
+                                    }
                                 }
                             }
                         });
@@ -235,11 +256,17 @@ impl Plugin for HttpFs {
                 mountpoint.display()
             )));
         }
+        let opened = self
+            .opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&opened_key(&source.reference, &source.digest));
         let resolved = layer::resolve_within(
             self.options.resolve_timeout(),
             self.registry.clone(),
             self.cache.clone(),
             source.clone(),
+            opened,
             self.options.allow_no_verification,
             IndexOptions {
                 opaque_xattrs: self.options.opaque_xattrs.clone(),
@@ -248,6 +275,7 @@ impl Plugin for HttpFs {
         let settings = LayerSettings {
             prefetch_bytes: self.options.prefetch_bytes,
             background_fetch: self.options.background_fetch,
+            check_interval: self.options.check_interval(),
         };
         let layer = Layer::new(
             source,

@@ -12,6 +12,8 @@ pub const DEFAULT_CACHE_DIR: &str = "/var/cache/strata/http";
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
 /// Default prefetch of a layer without landmark: its first 10 MiB.
 pub const DEFAULT_PREFETCH_BYTES: u64 = 10 << 20;
+/// Default check interval: stargz's blob `valid_interval`.
+pub const DEFAULT_CHECK_INTERVAL_SECS: u64 = 60;
 /// Default bound on resolving a layer at mount time.
 pub const DEFAULT_RESOLVE_TIMEOUT_SECS: u64 = 30;
 
@@ -39,6 +41,9 @@ pub struct Options {
     pub resolve_timeout_secs: u64,
     /// Xattrs set to `y` on opaque directories.
     pub opaque_xattrs: Vec<String>,
+    /// Seconds during which an answer of the registry for a layer's blob (opening it, a
+    /// fetch, a Check) stands for a passed Check; 0: every Check asks the registry.
+    pub check_interval_secs: u64,
 }
 
 impl Default for Options {
@@ -52,6 +57,7 @@ impl Default for Options {
             allow_no_verification: false,
             resolve_timeout_secs: DEFAULT_RESOLVE_TIMEOUT_SECS,
             opaque_xattrs: vec!["trusted.overlay.opaque".into()],
+            check_interval_secs: DEFAULT_CHECK_INTERVAL_SECS,
         }
     }
 }
@@ -78,6 +84,12 @@ impl Options {
                 self.resolve_timeout_secs
             )));
         }
+        if self.check_interval_secs > 86_400 {
+            return Err(invalid(format!(
+                "check_interval_secs {}: must be at most 86400 (a day)",
+                self.check_interval_secs
+            )));
+        }
         if self.registry.max_in_flight == 0 {
             return Err(invalid("registry.max_in_flight: must be at least 1".into()));
         }
@@ -92,6 +104,11 @@ impl Options {
             }
         }
         Ok(())
+    }
+
+    /// How long an answer of the registry stands for a passed Check.
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_secs(self.check_interval_secs)
     }
 
     /// The bound on resolving a layer.
@@ -119,6 +136,7 @@ mod tests {
         assert!(o.background_fetch);
         assert!(!o.allow_no_verification);
         assert_eq!(o.resolve_timeout(), Duration::from_secs(30));
+        assert_eq!(o.check_interval(), Duration::from_secs(60));
         assert_eq!(o.opaque_xattrs, ["trusted.overlay.opaque"]);
         assert_eq!(o.registry, RegistryOptions::default());
     }
@@ -158,6 +176,10 @@ mod tests {
             (
                 serde_json::json!({"resolve_timeout_secs": 0}),
                 "resolve_timeout_secs",
+            ),
+            (
+                serde_json::json!({"check_interval_secs": 100_000}),
+                "check_interval_secs",
             ),
             (
                 serde_json::json!({"registry": {"max_in_flight": 0}}),

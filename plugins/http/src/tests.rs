@@ -545,7 +545,9 @@ fn check_follows_the_registry_and_recovers() {
     let host = registry.host();
     let layer = push_estargz(&host, &rich_layer());
     let scratch = tempfile::tempdir().unwrap();
-    let fs_ = plugin(&scratch.path().join("cache"), &[&host], |_| {});
+    let fs_ = plugin(&scratch.path().join("cache"), &[&host], |o| {
+        o.check_interval_secs = 0
+    });
     let mnt = mountpoint(scratch.path(), "snap");
     let labels = layer.labels(&host);
     fs_.mount(&mnt, &labels).unwrap();
@@ -562,6 +564,33 @@ fn check_follows_the_registry_and_recovers() {
     fs_.unmount(&mnt).unwrap();
     let e = fs_.check(&mnt, &labels).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+}
+
+#[test]
+fn an_answer_within_the_check_interval_stands_for_a_check() {
+    let registry = start_registry();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    let layer = push_estargz(&registry.host(), &rich_layer());
+    let host = proxy.host();
+    let scratch = tempfile::tempdir().unwrap();
+    let fs_ = plugin(&scratch.path().join("cache"), &[&host], |o| {
+        o.check_interval_secs = 2
+    });
+    let mnt = mountpoint(scratch.path(), "snap");
+    let labels = layer.labels(&host);
+    fs_.mount(&mnt, &labels).unwrap();
+    // Mounting opened the blob just now: Checks pass without asking the registry, which is
+    // gone (asking it would fail, as below).
+    proxy.set_mode(Mode::Down);
+    fs_.check(&mnt, &labels).unwrap();
+    fs_.check(&mnt, &labels).unwrap();
+    // Once the interval is over, Check asks the registry again: it is gone.
+    std::thread::sleep(Duration::from_millis(2100));
+    let e = fs_.check(&mnt, &labels).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    proxy.set_mode(Mode::Pass);
+    fs_.check(&mnt, &labels).unwrap();
+    fs_.unmount(&mnt).unwrap();
 }
 
 #[test]
@@ -685,8 +714,15 @@ fn one_read_fetches_its_adjacent_chunks_with_one_request() {
     );
     let fs_ = plugin(&scratch.path().join("unused"), &[&host], |_| {});
     let source = crate::labels::LayerSource::from_labels(&layer.labels(&host)).unwrap();
-    let resolved =
-        crate::layer::resolve(&fs_.registry, &cache, &source, false, &Default::default()).unwrap();
+    let resolved = crate::layer::resolve(
+        &fs_.registry,
+        &cache,
+        &source,
+        None,
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     let big = resolved.index.resolve("big.bin").unwrap();
     assert_eq!(resolved.index.node(big).chunks.len(), 5);
     let l = crate::layer::Layer::new(
@@ -698,6 +734,7 @@ fn one_read_fetches_its_adjacent_chunks_with_one_request() {
         crate::layer::LayerSettings {
             prefetch_bytes: 0,
             background_fetch: false,
+            check_interval: Duration::ZERO,
         },
     );
     proxy.reset_counters();
