@@ -97,13 +97,22 @@ pub fn run(cli: Cli) -> Result<()> {
             reference,
             plain_http,
             lazy,
+            mount,
+            rw,
+            name,
         } => {
             let opts = crate::pull::PullOpts {
                 plain_http,
                 lazy,
                 ..Default::default()
             };
-            crate::pull::run(&settings, &reference, &opts)?
+            let mount = mount.map(|target| MountOpts {
+                target,
+                rw,
+                name,
+                foreground: settings.filesystem.is_some(),
+            });
+            crate::pull::run(&settings, &reference, &opts, mount.as_ref())?
         }
         Command::Mount {
             image,
@@ -115,23 +124,13 @@ pub fn run(cli: Cli) -> Result<()> {
             require_root()?;
             let sn = open_snapshotter(&settings)?;
             let chain = unpack(&sn, &ImageRef::parse(&image), settings.filesystem.is_some())?;
-            let name = match name {
-                Some(n) => n,
-                None => default_name(&target)?,
+            let opts = MountOpts {
+                target,
+                rw,
+                name,
+                foreground,
             };
-            let mounts = rootfs::init_rootfs(&name, chain.as_ref(), !rw, &sn)
-                .with_context(|| format!("create rootfs {name:?}"))?;
-            // The mount outlives this process; `strata umount` undoes it.
-            rootfs::mount::mount_all(&mounts, &target)?;
-            println!("{name}");
-            if foreground {
-                serve_until_unmounted(&target)?;
-                if !rw {
-                    // A read-only view holds nothing: do not leave it behind.
-                    sn.remove(&name)
-                        .with_context(|| format!("remove the view {name:?}"))?;
-                }
-            }
+            mount_image(&sn, &chain, &opts)?;
             sn.close()?;
         }
         Command::Umount { target, rm, name } => {
@@ -243,6 +242,41 @@ fn remote_state(sn: &OverlaySnapshotter, key: &str) -> String {
         Some(s) => s.state,
         None => "remote".to_string(),
     }
+}
+
+/// Where and how `strata mount` (or `strata pull --mount`) mounts an image.
+pub struct MountOpts {
+    /// Directory to mount at.
+    pub target: PathBuf,
+    /// An active snapshot instead of a read-only view.
+    pub rw: bool,
+    /// Snapshot name (default: `mount:<target>`).
+    pub name: Option<String>,
+    /// Serve until SIGINT/SIGTERM or until `target` is unmounted, then unmount (and remove a
+    /// read-only view).
+    pub foreground: bool,
+}
+
+/// Creates a container snapshot on `chain` and mounts it at `opts.target`; prints its name.
+pub fn mount_image(sn: &OverlaySnapshotter, chain: &Digest, opts: &MountOpts) -> Result<()> {
+    let name = match &opts.name {
+        Some(n) => n.clone(),
+        None => default_name(&opts.target)?,
+    };
+    let mounts = rootfs::init_rootfs(&name, chain.as_ref(), !opts.rw, sn)
+        .with_context(|| format!("create rootfs {name:?}"))?;
+    // The mount outlives this process unless in the foreground; `strata umount` undoes it.
+    rootfs::mount::mount_all(&mounts, &opts.target)?;
+    println!("{name}");
+    if opts.foreground {
+        serve_until_unmounted(&opts.target)?;
+        if !opts.rw {
+            // A read-only view holds nothing: do not leave it behind.
+            sn.remove(&name)
+                .with_context(|| format!("remove the view {name:?}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Keeps this process (and the FUSE layers it serves) alive until SIGINT/SIGTERM or until

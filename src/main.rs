@@ -14,6 +14,18 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// Keeps glibc from raising its mmap threshold as large blocks are freed. Each FUSE session
+/// (fuser) allocates zeroed 16 MiB request buffers; served from the heap once the threshold has
+/// grown, every one of them is memset page by page (tens of ms per lazily mounted layer), while
+/// as fresh mappings they cost only the pages the kernel's requests touch.
+fn pin_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Default state directory.
 const DEFAULT_ROOT: &str = "/var/lib/strata";
 
@@ -56,6 +68,17 @@ enum Command {
         /// plugin) mounts them from the registry and fetches what is read.
         #[arg(long)]
         lazy: bool,
+        /// Then mount the image at this directory, as `strata mount` does. With a backing file
+        /// system configured this process stays in the foreground serving its layers (as
+        /// `strata mount --foreground`), so a lazily pulled image is readable at once.
+        #[arg(long, value_name = "DIR")]
+        mount: Option<PathBuf>,
+        /// With `--mount`: writable (an active snapshot) instead of a read-only view.
+        #[arg(long, requires = "mount")]
+        rw: bool,
+        /// With `--mount`: snapshot name (default: `mount:<DIR>`).
+        #[arg(long, requires = "mount")]
+        name: Option<String>,
     },
     /// Unpack if needed, create a container snapshot on the image and mount it.
     Mount {
@@ -152,6 +175,7 @@ enum CompressionArg {
 }
 
 fn main() -> ExitCode {
+    pin_mmap_threshold();
     let cli = Cli::parse();
     if std::env::var_os(fs_plugin_api::LOG_ENV).is_none() {
         // SAFETY: no other thread exists yet (nothing has been started).

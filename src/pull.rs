@@ -17,7 +17,7 @@ use rootfs::{Applier, UnpackOpts, Unpacker};
 use snapshot_core::Mount;
 use snapshot_core::Snapshotter;
 
-use crate::commands::{Settings, open_snapshotter, unpack};
+use crate::commands::{MountOpts, Settings, mount_image, open_snapshotter, require_root, unpack};
 use crate::image_ref::ImageRef;
 use crate::progress::Progress;
 
@@ -59,8 +59,16 @@ pub fn content_dir(root: &Path) -> PathBuf {
 }
 
 /// `strata pull`: fetch everything, record the image as `<reference>` in `<root>/content`,
-/// unpack it and print its chain ID.
-pub fn run(settings: &Settings, reference: &str, opts: &PullOpts) -> Result<()> {
+/// unpack it and print its chain ID; then mount it if asked.
+pub fn run(
+    settings: &Settings,
+    reference: &str,
+    opts: &PullOpts,
+    mount: Option<&MountOpts>,
+) -> Result<()> {
+    if mount.is_some() {
+        require_root()?;
+    }
     if opts.lazy && settings.filesystem.is_none() {
         bail!(
             "--lazy needs a backing file system that mounts registry layers: \
@@ -119,6 +127,9 @@ pub fn run(settings: &Settings, reference: &str, opts: &PullOpts) -> Result<()> 
         unpack(&sn, &image, settings.filesystem.is_some())?
     };
     println!("{chain}");
+    if let Some(m) = mount {
+        mount_image(&sn, &chain, m)?;
+    }
     sn.close()?;
     Ok(())
 }

@@ -86,12 +86,7 @@ impl Setup {
 /// Pulls `reference` lazily with `cfg`; returns the content-store image of the pull.
 fn pull_lazy(cfg: &str, root: &Path, reference: &str) -> String {
     let (_, stderr) = strata_run(&["--config", cfg, "pull", "--lazy", "--plain-http", reference]);
-    let digest = stderr
-        .split_whitespace()
-        .find_map(|w| w.rsplit_once('@').map(|(_, d)| d.to_string()))
-        .filter(|d| d.starts_with("sha256:"))
-        .unwrap_or_else(|| panic!("pull names the image digest: {stderr}"));
-    format!("{}@{digest}", root.join("content").display())
+    pulled_image(root, &stderr)
 }
 
 fn lazy_lines(ls: &str) -> usize {
@@ -100,10 +95,54 @@ fn lazy_lines(ls: &str) -> usize {
         .count()
 }
 
+/// How the lazily pulled image gets mounted.
+#[derive(Clone, Copy)]
+enum Serve {
+    /// `strata pull --lazy`, then `strata mount --foreground` (a second process).
+    MountForeground,
+    /// `strata pull --lazy --mount` (one process).
+    PullMount,
+}
+
+/// The `<root>/content@<digest>` image a `strata pull` names in its output.
+fn pulled_image(root: &Path, output: &str) -> String {
+    let digest = output
+        .split_whitespace()
+        .find_map(|w| w.rsplit_once('@').map(|(_, d)| d.to_string()))
+        .filter(|d| d.starts_with("sha256:"))
+        .unwrap_or_else(|| panic!("pull names the image digest: {output}"));
+    format!("{}@{digest}", root.join("content").display())
+}
+
 /// Lazy pull + foreground mount of `reference`; checks the tree against a normal unpack.
-fn pulled_lazily_reads_like_a_normal_unpack(s: &Setup, root: &str, reference: &str) {
+fn pulled_lazily_reads_like_a_normal_unpack(s: &Setup, root: &str, reference: &str, how: Serve) {
     let cfg = s.config(root);
-    let image = pull_lazy(&cfg, &s.path(root), reference);
+    let target = s.path(&format!("{root}-rootfs"));
+    std::fs::create_dir(&target).unwrap();
+    let log = s.path(&format!("{root}.log"));
+    let mut cmd = Command::new(support::strata_bin());
+    cmd.args(["--config", &cfg]);
+    let mut pulled = None;
+    match how {
+        Serve::MountForeground => {
+            let image = pull_lazy(&cfg, &s.path(root), reference);
+            cmd.args(["mount", "--foreground", &image]).arg(&target);
+            pulled = Some(image);
+        }
+        Serve::PullMount => {
+            cmd.args(["pull", "--lazy", "--plain-http", "--mount"])
+                .arg(&target)
+                .arg(reference);
+        }
+    }
+    cmd.args(["--name", "lazy"]);
+    let daemon = Daemon::spawn("strata (serving)", &mut cmd, &log);
+    wait_until(
+        "the lazy rootfs is mounted",
+        Duration::from_secs(60),
+        || target.join("usr").exists(),
+    );
+    let image = pulled.unwrap_or_else(|| pulled_image(&s.path(root), &daemon.log()));
     // The content store holds the manifest and config, no layer blob.
     let blobs = s.path(root).join("content/blobs/sha256");
     let (_, digest) = image.rsplit_once('@').unwrap();
@@ -122,27 +161,6 @@ fn pulled_lazily_reads_like_a_normal_unpack(s: &Setup, root: &str, reference: &s
     }
     let (ls, _) = strata_run(&["--config", &cfg, "ls"]);
     assert_eq!(lazy_lines(&ls), 3, "every layer is remote: {ls}");
-
-    let target = s.path(&format!("{root}-rootfs"));
-    std::fs::create_dir(&target).unwrap();
-    let mut mount = Command::new(support::strata_bin());
-    mount.args([
-        "--config",
-        &cfg,
-        "mount",
-        "--foreground",
-        &image,
-        target.to_str().unwrap(),
-        "--name",
-        "lazy",
-    ]);
-    let daemon = Daemon::spawn("strata mount", &mut mount, &s.path(&format!("{root}.log")));
-    wait_until(
-        "the lazy rootfs is mounted",
-        Duration::from_secs(60),
-        || target.join("usr").exists(),
-    );
-    let (ls, _) = strata_run(&["--config", &cfg, "ls"]);
     assert!(ls.contains(" lazy "), "lazy layers report progress: {ls}");
 
     let (plain, _guard) = s.plain_mount();
@@ -184,7 +202,7 @@ fn an_image_converted_by_strata_is_pulled_lazily_and_reads_like_a_normal_unpack(
         .push(&s.path("estargz"), "t", "strata/estargz:v1")
         .unwrap();
     let reference = format!("{}/strata/estargz:v1", s.registry.host());
-    pulled_lazily_reads_like_a_normal_unpack(&s, "root-lazy", &reference);
+    pulled_lazily_reads_like_a_normal_unpack(&s, "root-lazy", &reference, Serve::PullMount);
 }
 
 #[test]
@@ -228,7 +246,7 @@ fn an_image_converted_by_ctr_remote_is_pulled_lazily_and_reads_like_a_normal_unp
         .to_string();
     s.registry.push(&layout, &tag, "stargz/esgz:v1").unwrap();
     let reference = format!("{}/stargz/esgz:v1", s.registry.host());
-    pulled_lazily_reads_like_a_normal_unpack(&s, "root-ctr", &reference);
+    pulled_lazily_reads_like_a_normal_unpack(&s, "root-ctr", &reference, Serve::MountForeground);
 }
 
 /// containerd (Debian's 1.6) with `strata serve` as proxy snapshotter: stargz's `ctr-remote

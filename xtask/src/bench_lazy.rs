@@ -52,32 +52,24 @@ pub fn bench_lazy() -> Result<()> {
     let proxy = FaultProxy::start(registry.addr())?;
     let est_size = dir_size(&est.join("blobs"))?;
 
-    // (a) Full pull + unpack, then mount and read the file.
+    // (a) Full pull + unpack + mount (one `strata pull --mount`), then read the file.
     drop_caches()?;
     proxy.reset_counters();
-    let start = Instant::now();
     let full_root = w("root-full");
-    let out = run_ok(Command::new(&strata).args([
-        "--root",
-        full_root.to_str().context("path")?,
-        "pull",
-        "--plain-http",
-        &format!("{}/bench/full:v1", proxy.host()),
-    ]))?;
-    let full_pull_time = start.elapsed();
-    let image_ref = content_image(&full_root, &out)?;
     let target = w("rootfs-full");
     std::fs::create_dir_all(&target)?;
-    run_ok(Command::new(&strata).args([
-        "--root",
-        full_root.to_str().context("path")?,
-        "mount",
-        &image_ref,
-        target.to_str().context("path")?,
-    ]))?;
+    let start = Instant::now();
+    let mut child = Command::new(&strata);
+    child
+        .args(["--root", full_root.to_str().context("path")?])
+        .args(["pull", "--plain-http", "--name", "bench", "--mount"])
+        .arg(&target)
+        .arg(format!("{}/bench/full:v1", proxy.host()));
+    let (mut full, full_pull_time) = start_until_mounted(&mut child, "bench")?;
     let bytes = std::fs::read(target.join(&file)).context("read the file (full)")?;
     let full_time = start.elapsed();
     let full_bytes = proxy.body_bytes();
+    full.stop();
     run_ok(Command::new(&strata).args([
         "--root",
         full_root.to_str().context("path")?,
@@ -85,7 +77,8 @@ pub fn bench_lazy() -> Result<()> {
         target.to_str().context("path")?,
     ]))?;
 
-    // (b) Lazy pull, then mount (serving FUSE layers in the foreground) and read the file.
+    // (b) Lazy pull + mount, served by the same process (`strata pull --lazy --mount`), then
+    // read the file.
     drop_caches()?;
     proxy.reset_counters();
     let lazy_root = w("root-lazy");
@@ -102,43 +95,31 @@ pub fn bench_lazy() -> Result<()> {
             proxy.host()
         ),
     )?;
-    let cfg = config.to_str().context("path")?;
-    let start = Instant::now();
-    let out = run_ok(Command::new(&strata).args([
-        "--config",
-        cfg,
-        "pull",
-        "--lazy",
-        "--plain-http",
-        &format!("{}/bench/lazy:v1", proxy.host()),
-    ]))?;
-    let lazy_pull_time = start.elapsed();
-    let image_ref = content_image(&lazy_root, &out)?;
+    // STRATA_BENCH_LOG=<level> shows the lazy path's logs (with timestamps) on stderr.
+    let log = std::env::var("STRATA_BENCH_LOG").unwrap_or_else(|_| "warn".into());
     let target = w("rootfs-lazy");
     std::fs::create_dir_all(&target)?;
-    let mut mount = Killed(
-        Command::new(&strata)
-            .args(["--config", cfg, "mount", "--foreground", &image_ref])
-            .arg(&target)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("start strata mount --foreground")?,
-    );
-    let lazy_bytes_read = loop {
-        if let Ok(b) = std::fs::read(target.join(&file)) {
-            break b;
-        }
-        if start.elapsed() > Duration::from_secs(300) {
-            bail!(
-                "the lazy rootfs did not show {} within 300 s",
-                file.display()
-            );
-        }
-        if let Some(status) = mount.0.try_wait()? {
-            bail!("strata mount --foreground exited early: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let start = Instant::now();
+    let mut child = Command::new(&strata);
+    child
+        .args([
+            "--log-level",
+            &log,
+            "--config",
+            config.to_str().context("path")?,
+        ])
+        .args([
+            "pull",
+            "--lazy",
+            "--plain-http",
+            "--name",
+            "bench",
+            "--mount",
+        ])
+        .arg(&target)
+        .arg(format!("{}/bench/lazy:v1", proxy.host()));
+    let (mut lazy, lazy_pull_time) = start_until_mounted(&mut child, "bench")?;
+    let lazy_bytes_read = std::fs::read(target.join(&file)).context("read the file (lazy)")?;
     let lazy_time = start.elapsed();
     let lazy_bytes = proxy.body_bytes();
     if lazy_bytes_read != bytes {
@@ -147,7 +128,7 @@ pub fn bench_lazy() -> Result<()> {
             file.display()
         );
     }
-    mount.stop();
+    lazy.stop();
 
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
@@ -203,17 +184,6 @@ fn small_file(layout: &Path) -> Result<PathBuf> {
     bail!("no small file in {}", first.display())
 }
 
-/// `<root>/content@<manifest digest>` from `strata pull`'s output.
-fn content_image(root: &Path, out: &std::process::Output) -> Result<String> {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let digest = stderr
-        .split_whitespace()
-        .find_map(|w| w.rsplit_once('@').map(|(_, d)| d.to_string()))
-        .filter(|d| d.starts_with("sha256:"))
-        .with_context(|| format!("strata pull did not name the image: {stderr}"))?;
-    Ok(format!("{}@{digest}", root.join("content").display()))
-}
-
 fn dir_size(dir: &Path) -> Result<u64> {
     let mut total = 0;
     for entry in walk(dir)? {
@@ -233,6 +203,29 @@ fn walk(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
         }
     }
     Ok(out)
+}
+
+/// Starts `strata pull … --mount`, waits until it prints the mounted snapshot's `name`; returns
+/// the child (stopped when dropped) and when its pull ended (it prints the chain ID first).
+fn start_until_mounted(cmd: &mut Command, name: &str) -> Result<(Killed, Duration)> {
+    use std::io::BufRead;
+    let start = Instant::now();
+    let mut child = Killed(
+        cmd.stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {cmd:?}"))?,
+    );
+    let stdout = child.0.stdout.take().context("stdout")?;
+    let mut pulled = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("read strata's output")?;
+        pulled.get_or_insert_with(|| start.elapsed());
+        if line == name {
+            return Ok((child, pulled.unwrap_or_default()));
+        }
+    }
+    let status = child.0.wait()?;
+    bail!("{cmd:?} ended ({status}) before mounting")
 }
 
 fn run_ok(cmd: &mut Command) -> Result<std::process::Output> {
