@@ -18,10 +18,7 @@ use fs_plugin_api::{
     status::{LayerStatus, remove_status, write_status},
 };
 use rootfs::{
-    estargz::{
-        Chunk, FOOTER_SIZE, Index, IndexOptions, MAX_TOC_COMPRESSED, NodeId, OpenedToc, ReadAt,
-        parse_footer, read_toc,
-    },
+    estargz::{Chunk, Index, IndexOptions, NodeId, OpenedToc, ReadAt, read_toc},
     registry::{Blob, Reference, Registry},
 };
 
@@ -52,8 +49,10 @@ pub fn error(context: impl std::fmt::Display, e: rootfs::Error) -> Error {
 pub struct Resolved {
     /// The file tree.
     pub index: Index,
-    /// The blob, if it was opened (not when the TOC came from the cache and no one had opened
-    /// it ahead), and when the registry answered that open.
+    /// Digest of the TOC JSON (for [`verify_toc`]).
+    pub toc_digest: Digest,
+    /// The blob, if it was opened (not when the TOC came from the cache), and when the
+    /// registry answered that open.
     pub blob: Option<(Blob, Instant)>,
     /// The blob's size.
     pub blob_size: u64,
@@ -106,14 +105,14 @@ impl Recording<'_> {
     }
 }
 
-/// Fails unless the TOC is verified as the labels and options require.
+/// Fails unless the TOC (of digest `toc_digest`) is verified as the labels and options require.
 pub fn verify_toc(
     source: &LayerSource,
-    opened: &OpenedToc,
+    toc_digest: &Digest,
     allow_no_verification: bool,
 ) -> Result<()> {
     match &source.toc_digest {
-        Some(expected) => rootfs::estargz::verify_toc_digest(expected.as_ref(), &opened.toc_digest)
+        Some(expected) => rootfs::estargz::verify_toc_digest(expected.as_ref(), toc_digest)
             .map_err(|e| error(format!("layer {}", source.digest), e)),
         None if source.skip_verify && allow_no_verification => {
             tracing::warn!(layer = %source.digest, "mounting a layer without TOC verification (skipverify)");
@@ -129,40 +128,57 @@ pub fn verify_toc(
 
 /// Finds layer `source`: its TOC from the cache when there (no network), else footer and TOC
 /// from the registry (a layer that is not eStargz fails after reading the footer); the TOC is
-/// verified and its tree built. `opened`: the blob, if something (the TOC warmer) opened it
-/// ahead.
+/// verified and its tree built.
 pub fn resolve(
     registry: &Registry,
     cache: &ChunkCache,
     source: &LayerSource,
-    opened: Option<(Blob, Instant)>,
     allow_no_verification: bool,
     index_options: &IndexOptions,
 ) -> Result<Resolved> {
-    let what = format!("layer {} of {}", source.digest, source.reference);
+    let resolved = read_layer(
+        registry,
+        cache,
+        &source.reference,
+        &source.digest,
+        index_options,
+    )?;
+    verify_toc(source, &resolved.toc_digest, allow_no_verification)?;
+    Ok(resolved)
+}
+
+/// Reads layer `digest` of `reference`, unverified: its TOC from the cache when there (no
+/// network), else footer and TOC from the registry (then cached); builds its tree.
+pub fn read_layer(
+    registry: &Registry,
+    cache: &ChunkCache,
+    reference: &Reference,
+    digest: &Digest,
+    index_options: &IndexOptions,
+) -> Result<Resolved> {
+    let what = format!("layer {digest} of {reference}");
     let build = |opened: &OpenedToc| {
         Index::build(&opened.toc, opened.toc_offset, index_options).map_err(|e| error(&what, e))
     };
-    let blob = opened;
-    if let Some(tail) = cache.load_toc(&source.digest) {
+    if let Some(tail) = cache.load_toc(digest) {
         match read_toc(&tail) {
             Ok(toc) => {
-                verify_toc(source, &toc, allow_no_verification)?;
-                tracing::debug!(layer = %source.digest, "TOC from the cache");
+                tracing::debug!(layer = %digest, "TOC from the cache");
                 return Ok(Resolved {
                     index: build(&toc)?,
-                    blob: blob.filter(|(b, _)| b.size() == tail.blob_size),
+                    toc_digest: toc.toc_digest,
+                    blob: None,
                     blob_size: tail.blob_size,
                 });
             }
             Err(e) => {
-                tracing::warn!(layer = %source.digest, error = %e, "cached TOC unreadable; fetching it again");
-                cache.drop_toc(&source.digest);
+                tracing::warn!(layer = %digest, error = %e, "cached TOC unreadable; fetching it again");
+                cache.drop_toc(digest);
             }
         }
     }
     let blob = registry
-        .blob_with_tail(&source.reference, &source.digest, None, TOC_TAIL)
+        .blob_with_tail(reference, digest, None, TOC_TAIL)
         .map_err(|e| error(&what, e))?;
     let answered = Instant::now();
     let recording = Recording {
@@ -175,57 +191,18 @@ pub fn resolve(
         )),
         e => error(&what, e),
     })?;
-    verify_toc(source, &opened, allow_no_verification)?;
     let index = build(&opened)?;
     if let Some(tail) = recording.tail(opened.toc_offset)
-        && let Err(e) = cache.store_toc(&source.digest, &tail)
+        && let Err(e) = cache.store_toc(digest, &tail)
     {
-        tracing::warn!(layer = %source.digest, error = %e, "cannot cache the TOC");
+        tracing::warn!(layer = %digest, error = %e, "cannot cache the TOC");
     }
     Ok(Resolved {
         index,
+        toc_digest: opened.toc_digest,
         blob_size: blob.size(),
         blob: Some((blob, answered)),
     })
-}
-
-/// Fetches layer `digest`'s footer and TOC into the cache, unverified (mounting the layer later
-/// verifies them against its label), so that its mount needs no network: the other layers of an
-/// image are warmed this way while the first one mounts, as stargz resolves them. Returns the
-/// blob if it was opened (for the layer's mount to use), and when the registry answered.
-pub fn warm_toc(
-    registry: &Registry,
-    cache: &ChunkCache,
-    reference: &Reference,
-    digest: &Digest,
-) -> rootfs::Result<Option<(Blob, Instant)>> {
-    if cache.load_toc(digest).is_some() {
-        return Ok(None);
-    }
-    let blob = registry.blob_with_tail(reference, digest, None, TOC_TAIL)?;
-    let answered = Instant::now();
-    let size = blob.size();
-    let mut footer = vec![0u8; size.min(FOOTER_SIZE) as usize];
-    blob.read_at(size - footer.len() as u64, &mut footer)?;
-    let (toc_offset, _) = parse_footer(&footer)?;
-    let len = size.saturating_sub(toc_offset);
-    if len > TOC_TAIL.max(MAX_TOC_COMPRESSED) {
-        return Err(rootfs::Error::InvalidArchive(format!(
-            "eStargz TOC of {len} bytes is too large"
-        )));
-    }
-    let mut bytes = vec![0u8; len as usize];
-    blob.read_at(toc_offset, &mut bytes)?;
-    cache
-        .store_toc(
-            digest,
-            &BlobTail {
-                blob_size: size,
-                bytes,
-            },
-        )
-        .map_err(|e| rootfs::Error::io(format!("cache the TOC of {digest}"), e))?;
-    Ok(Some((blob, answered)))
 }
 
 /// [`resolve`] bounded by `timeout` (the work goes on in the background past it, and is
@@ -235,7 +212,6 @@ pub fn resolve_within(
     registry: Registry,
     cache: Arc<ChunkCache>,
     source: LayerSource,
-    opened: Option<(Blob, Instant)>,
     allow_no_verification: bool,
     index_options: IndexOptions,
 ) -> Result<Resolved> {
@@ -248,7 +224,6 @@ pub fn resolve_within(
                 &registry,
                 &cache,
                 &source,
-                opened,
                 allow_no_verification,
                 &index_options,
             );

@@ -63,15 +63,16 @@ mod fs;
 pub mod labels;
 mod layer;
 mod options;
+mod warm;
 
 #[cfg(test)]
 mod tests;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use fs_plugin_api::{
@@ -79,11 +80,7 @@ use fs_plugin_api::{
     model::{Error, Labels, Result},
 };
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
-use rootfs::{
-    estargz::IndexOptions,
-    registry::{Blob, Reference, Registry},
-};
-use snapshot_core::identity::Digest;
+use rootfs::registry::Registry;
 
 pub use crate::options::Options;
 use crate::{
@@ -91,6 +88,7 @@ use crate::{
     fs::LayerFs,
     labels::LayerSource,
     layer::{Layer, LayerSettings},
+    warm::Warmer,
 };
 /// FUSE mount helpers shared by the plugins.
 pub(crate) use fs_plugin_api::fuse as sys;
@@ -100,9 +98,6 @@ fs_plugin_api::export_plugin!(
     version = env!("CARGO_PKG_VERSION"),
     constructor = HttpFs::new,
 );
-
-/// Neighbour TOCs fetched at once.
-const WARM_WORKERS: usize = 3;
 
 /// How long unmount waits for a FUSE session to end, before and after aborting it.
 const SESSION_END_WAIT: Duration = Duration::from_secs(2);
@@ -121,15 +116,8 @@ pub struct HttpFs {
     registry: Registry,
     cache: Arc<ChunkCache>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
-    /// Layers whose TOC is being (or was) fetched ahead of their mount.
-    warmed: Arc<Mutex<HashSet<String>>>,
-    /// Blobs the TOC warmer opened, for their layers' mounts (keyed by [`opened_key`]).
-    opened: Arc<Mutex<HashMap<String, (Blob, Instant)>>>,
-}
-
-/// The key of a layer's blob in [`HttpFs::opened`].
-fn opened_key(reference: &Reference, digest: &Digest) -> String {
-    format!("{reference}@{digest}")
+    /// The image's other layers, read ahead of their mounts.
+    warmer: Arc<Warmer>,
 }
 
 /// The key of a mountpoint in the table of mounts.
@@ -156,68 +144,15 @@ impl HttpFs {
             cached_bytes = cache.total_bytes(),
             "opened the chunk cache"
         );
+        let cache = Arc::new(cache);
+        let warmer = Warmer::new(registry.clone(), cache.clone(), options.index_options());
         Ok(HttpFs {
             options,
             registry,
-            cache: Arc::new(cache),
+            cache,
             mounts: Mutex::new(HashMap::new()),
-            warmed: Arc::new(Mutex::new(HashSet::new())),
-            opened: Arc::new(Mutex::new(HashMap::new())),
+            warmer: Arc::new(warmer),
         })
-    }
-
-    /// Fetches the TOCs of the image's other layers (the layers label) in the background, a
-    /// few at a time, so that their mounts find them in the cache.
-    fn warm_neighbours(&self, source: &LayerSource) {
-        let todo: Vec<Digest> = {
-            let mut warmed = self.warmed.lock().unwrap_or_else(|e| e.into_inner());
-            warmed.insert(source.digest.to_string());
-            source
-                .image_layers
-                .iter()
-                .filter(|d| warmed.insert((*d).clone()))
-                .filter_map(|d| d.parse().ok())
-                .collect()
-        };
-        if todo.is_empty() {
-            return;
-        }
-        let (registry, cache, reference, opened) = (
-            self.registry.clone(),
-            self.cache.clone(),
-            source.reference.clone(),
-            self.opened.clone(),
-        );
-        let spawned = std::thread::Builder::new()
-            .name("strata-http-warm".into())
-            .spawn(move || {
-                let next = std::sync::atomic::AtomicUsize::new(0);
-                std::thread::scope(|scope| {
-                    for _ in 0..todo.len().min(WARM_WORKERS) {
-                        scope.spawn(|| {
-                            while let Some(d) =
-                                todo.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                            {
-                                match layer::warm_toc(&registry, &cache, &reference, d) {
-                                    Ok(Some(blob)) => {
-                                        opened
-                                            .lock()
-                                            .unwrap_or_else(|e| e.into_inner())
-                                            .insert(opened_key(&reference, d), blob);
-                                    }
-                                    Ok(None) => {}
-                                    Err(e) => {
-                                        tracing::debug!(layer = %d, error = %e, "cannot fetch a neighbour layer's TOC ahead");
-                                    }
-                                }
-                            }
-                        });
-                    }
-                });
-            });
-        if let Err(e) = spawned {
-            tracing::debug!(error = %e, "cannot start fetching neighbour TOCs");
-        }
     }
 
     fn mounts(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Mounted>> {
@@ -256,22 +191,27 @@ impl Plugin for HttpFs {
                 mountpoint.display()
             )));
         }
-        let opened = self
-            .opened
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&opened_key(&source.reference, &source.digest));
-        let resolved = layer::resolve_within(
+        // The image's other layers are read meanwhile; this one may have been read already.
+        self.warmer
+            .schedule(&source.reference, &source.digest, &source.image_layers);
+        let resolved = match self.warmer.take(
+            &source.reference,
+            &source.digest,
             self.options.resolve_timeout(),
-            self.registry.clone(),
-            self.cache.clone(),
-            source.clone(),
-            opened,
-            self.options.allow_no_verification,
-            IndexOptions {
-                opaque_xattrs: self.options.opaque_xattrs.clone(),
-            },
-        )?;
+        ) {
+            Some(r) => {
+                layer::verify_toc(&source, &r.toc_digest, self.options.allow_no_verification)?;
+                r
+            }
+            None => layer::resolve_within(
+                self.options.resolve_timeout(),
+                self.registry.clone(),
+                self.cache.clone(),
+                source.clone(),
+                self.options.allow_no_verification,
+                self.options.index_options(),
+            )?,
+        };
         let settings = LayerSettings {
             prefetch_bytes: self.options.prefetch_bytes,
             background_fetch: self.options.background_fetch,
@@ -309,7 +249,6 @@ impl Plugin for HttpFs {
             }
         };
         layer.write_status();
-        self.warm_neighbours(&layer.source);
         let worker = layer.clone();
         if let Err(e) = std::thread::Builder::new()
             .name("strata-http-fetch".into())

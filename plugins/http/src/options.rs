@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use fs_plugin_api::model::{Error, Result};
-use rootfs::registry::RegistryOptions;
+use rootfs::{estargz::IndexOptions, registry::RegistryOptions};
 use serde::Deserialize;
 
 /// Default chunk cache directory.
@@ -104,6 +104,13 @@ impl Options {
             }
         }
         Ok(())
+    }
+
+    /// How layer trees are built.
+    pub fn index_options(&self) -> IndexOptions {
+        IndexOptions {
+            opaque_xattrs: self.opaque_xattrs.clone(),
+        }
     }
 
     /// How long an answer of the registry stands for a passed Check.

@@ -714,15 +714,8 @@ fn one_read_fetches_its_adjacent_chunks_with_one_request() {
     );
     let fs_ = plugin(&scratch.path().join("unused"), &[&host], |_| {});
     let source = crate::labels::LayerSource::from_labels(&layer.labels(&host)).unwrap();
-    let resolved = crate::layer::resolve(
-        &fs_.registry,
-        &cache,
-        &source,
-        None,
-        false,
-        &Default::default(),
-    )
-    .unwrap();
+    let resolved =
+        crate::layer::resolve(&fs_.registry, &cache, &source, false, &Default::default()).unwrap();
     let big = resolved.index.resolve("big.bin").unwrap();
     assert_eq!(resolved.index.node(big).chunks.len(), 5);
     let l = crate::layer::Layer::new(
@@ -862,9 +855,60 @@ fn mounting_a_layer_fetches_its_neighbours_tocs_ahead() {
     assert!(b_toc.exists(), "b's TOC is fetched while a mounts");
     proxy.reset_counters();
     let mnt_b = mountpoint(scratch.path(), "b");
+    // What was read ahead is verified by the mount, against its own label.
+    let mut wrong = with_layers(&b);
+    wrong.insert(LABEL_TOC_DIGEST.into(), sha256(b"another TOC"));
+    let e = fs_.mount(&mnt_b, &wrong).unwrap_err();
+    assert!(e.to_string().contains("invalid stargz layer"), "{e}");
+    assert!(!sys::is_mount_point(&mnt_b));
     fs_.mount(&mnt_b, &with_layers(&b)).unwrap();
     assert_eq!(proxy.requests(), 0, "b mounts from its cached TOC");
     assert_eq!(fs::read(mnt_b.join("b.txt")).unwrap(), b"layer b\n");
+    fs_.unmount(&mnt_b).unwrap();
+    fs_.unmount(&mnt_a).unwrap();
+}
+
+#[test]
+fn a_layer_read_ahead_mounts_without_a_request_and_reads_through_its_open_blob() {
+    let registry = start_registry();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    let host = proxy.host();
+    let a = push_estargz(&host, &rich_layer());
+    let b = push_estargz(
+        &host,
+        &tar_of(&[E::File("b.bin", 0o644, (0, 0), noise(600_000, 3))]),
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let fs_ = plugin(&scratch.path().join("cache"), &[&host], |_| {});
+    let layers = format!("{},{}", a.digest, b.digest);
+    let with_layers = |p: &Pushed| {
+        let mut l = stargz_labels(&host, &p.digest, Some(&p.toc_digest));
+        l.insert(LABEL_STARGZ_LAYERS.into(), layers.clone());
+        l
+    };
+    let mnt_a = mountpoint(scratch.path(), "a");
+    proxy.reset_counters();
+    fs_.mount(&mnt_a, &with_layers(&a)).unwrap();
+    // Mount b at once: it takes over or waits for the read ahead, never reads b twice.
+    let mnt_b = mountpoint(scratch.path(), "b");
+    fs_.mount(&mnt_b, &with_layers(&b)).unwrap();
+    let after_mounts = proxy.requests();
+    assert!(
+        after_mounts <= 2,
+        "one request per layer (footer and TOC together): {after_mounts}"
+    );
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(
+        &mut fs::File::open(mnt_b.join("b.bin")).unwrap(),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first[0], noise(1, 3)[0]);
+    assert_eq!(
+        proxy.requests() - after_mounts,
+        1,
+        "the first read is one chunk request: the blob is open already"
+    );
     fs_.unmount(&mnt_b).unwrap();
     fs_.unmount(&mnt_a).unwrap();
 }
