@@ -17,12 +17,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// Keeps glibc from raising its mmap threshold as large blocks are freed. Each FUSE session
 /// (fuser) allocates zeroed 16 MiB request buffers; served from the heap once the threshold has
 /// grown, every one of them is memset page by page (tens of ms per lazily mounted layer), while
-/// as fresh mappings they cost only the pages the kernel's requests touch.
+/// as fresh mappings they cost only the pages the kernel's requests touch. Smaller blocks (TOCs,
+/// chunks) still reuse the heap, kept up to the trim threshold glibc would pick itself.
 fn pin_mmap_threshold() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
     }
 }
 
