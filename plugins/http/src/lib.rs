@@ -32,6 +32,7 @@
 //! background_fetch = true
 //! allow_no_verification = false   # mount layers without TOC digest if labelled skipverify
 //! resolve_timeout_secs = 30       # bound on finding a layer at mount time
+//! check_interval_secs = 60        # a registry answer this recent passes Check; 0: always ask
 //! opaque_xattrs = ["trusted.overlay.opaque"]   # add "user.overlay.opaque" for rootless
 //!
 //! [filesystem.options.registry]   # rootfs::registry::RegistryOptions
@@ -51,9 +52,14 @@
 //! not eStargz fails to mount right after its footer is read, with a reason saying so (the
 //! snapshotter then falls back to an ordinary unpack).
 //!
-//! Check: the layer must be mounted here; if it is not all cached, the registry must still
-//! serve its blob (else Unavailable; it recovers when the registry does). Unmount aborts reads
-//! still waiting for the registry.
+//! When a layer mounts, the other layers its layers label names are read ahead (footer, TOC,
+//! tree; module `warm`): their mounts, which follow one by one, take them over after checking them
+//! against their own TOC digest label.
+//!
+//! Check: the layer must be mounted here; if it is not all cached, the registry must have
+//! served its blob within `check_interval_secs` (opening it, a fetch, an earlier Check) or
+//! serve it now (else Unavailable; it recovers when the registry does), as stargz's
+//! `valid_interval`. Unmount aborts reads still waiting for the registry.
 //!
 //! The FUSE mounts are served by the process that loaded the plugin and end with it.
 
