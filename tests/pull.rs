@@ -138,3 +138,66 @@ fn pulling_a_missing_tag_fails_with_one_clear_line() {
     assert!(!out.status.success());
     assert!(out.stderr.contains("invalid"), "{}", out.stderr);
 }
+
+#[test]
+fn pull_from_a_registry_with_auth_takes_credentials_from_a_credential_helper() {
+    use std::os::unix::fs::PermissionsExt;
+    support::require_commands(
+        &["docker-registry", "skopeo", "htpasswd"],
+        "apt-get install -y docker-registry skopeo apache2-utils",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    demo_layout(&layout);
+    let registry = TestRegistry::start_with_basic_auth("alice", "s3cret").unwrap();
+    registry.push(&layout, "demo", "test/demo:v1").unwrap();
+    let host = registry.host();
+    // A docker config naming a credential store, and the store's helper on PATH (it knows the
+    // registry only; what it is given and asked is checked).
+    let docker = tmp.path().join("docker");
+    std::fs::create_dir(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        r#"{"credsStore":"strata-test"}"#,
+    )
+    .unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let helper = bin.join("docker-credential-strata-test");
+    std::fs::write(
+        &helper,
+        format!(
+            r#"#!/bin/sh
+[ "$1" = get ] || exit 2
+read -r server
+[ "$server" = "{host}" ] || {{ echo "credentials not found in native keychain"; exit 1; }}
+printf '{{"ServerURL":"%s","Username":"alice","Secret":"%s"}}' "$server" "$(cat {secret})"
+"#,
+            secret = tmp.path().join("secret").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let pull = |root: &str| {
+        let mut cmd = Command::new(support::strata_bin());
+        cmd.arg("--root")
+            .arg(tmp.path().join(root))
+            .args(["pull", "--plain-http", &format!("{host}/test/demo:v1")])
+            .env("DOCKER_CONFIG", &docker)
+            .env("PATH", &path);
+        run_bounded(&mut cmd, LIMIT)
+    };
+    std::fs::write(tmp.path().join("secret"), "wrong").unwrap();
+    let out = pull("root-denied");
+    assert!(!out.status.success(), "wrong credentials are refused");
+    assert!(
+        out.stderr.contains("denied") || out.stderr.contains("401"),
+        "{}",
+        out.stderr
+    );
+    std::fs::write(tmp.path().join("secret"), "s3cret").unwrap();
+    let out = pull("root");
+    assert!(out.status.success(), "pull failed: {}", out.stderr);
+    assert!(out.stdout.trim().starts_with("sha256:"), "{}", out.stdout);
+}

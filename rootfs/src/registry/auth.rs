@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{Error, Result};
 
@@ -40,6 +41,94 @@ impl Credentials {
 struct DockerConfig {
     #[serde(default)]
     auths: HashMap<String, DockerAuth>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+}
+
+/// The credentials a docker config gives: its `auths`, and its credential helpers
+/// (`credHelpers` per host, else `credsStore`), asked once per host when a registry first wants
+/// credentials. A helper's answer comes first; a helper that knows nothing of the host, fails
+/// or is missing (logged) leaves the `auths` entry, if any.
+#[derive(Debug, Default)]
+pub struct DockerCredentials {
+    auths: HashMap<String, Credentials>,
+    helpers: HashMap<String, String>,
+    store: Option<String>,
+    /// Where helper programs are looked up (`$PATH`).
+    search_path: Vec<PathBuf>,
+    /// Helper answers by host.
+    asked: Mutex<HashMap<String, Option<Credentials>>>,
+}
+
+impl DockerCredentials {
+    /// Reads the docker config at `path`.
+    pub fn load(path: &Path) -> Result<DockerCredentials> {
+        let config = read_config(path)?;
+        let helpers = config
+            .cred_helpers
+            .iter()
+            .map(|(k, v)| (host_of_key(k), v.clone()))
+            .collect();
+        let store = config.creds_store.clone().filter(|s| !s.is_empty());
+        Ok(DockerCredentials {
+            auths: auths_of(config, path)?,
+            helpers,
+            store,
+            search_path: std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect())
+                .unwrap_or_default(),
+            asked: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The credentials for registry `host` (`host[:port]`), if any.
+    pub fn get(&self, host: &str) -> Option<Credentials> {
+        if let Some(helper) = self.helpers.get(host).or(self.store.as_ref()) {
+            let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+            let answer = asked
+                .entry(host.to_string())
+                .or_insert_with(|| {
+                    let server = server_url(host);
+                    let search = &self.search_path;
+                    match super::credential_helper::get(helper, &server, search, HELPER_TIMEOUT) {
+                        Ok(c) => {
+                            debug!(%host, %helper, found = c.is_some(), "asked a credential helper");
+                            c
+                        }
+                        Err(e) => {
+                            warn!(%host, %helper, error = %e, "credential helper failed");
+                            None
+                        }
+                    }
+                })
+                .clone();
+            if answer.is_some() {
+                return answer;
+            }
+        }
+        self.auths.get(host).cloned()
+    }
+}
+
+/// How long a credential helper may take.
+const HELPER_TIMEOUT: std::time::Duration = super::credential_helper::TIMEOUT;
+
+/// What docker passes a credential helper for `host`: Docker Hub's historic URL, else the host.
+fn server_url(host: &str) -> String {
+    if is_docker_hub(host) {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        host.to_string()
+    }
+}
+
+fn is_docker_hub(host: &str) -> bool {
+    matches!(
+        host,
+        "index.docker.io" | "docker.io" | "registry-1.docker.io"
+    )
 }
 
 #[derive(Deserialize, Default)]
@@ -64,14 +153,22 @@ pub fn default_docker_config() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// Reads the `auths` of a docker config file: host (`host[:port]`) → credentials. Entries keyed
-/// by a URL (`https://index.docker.io/v1/`) are keyed by its host; Docker Hub's entries are
-/// also filed under `docker.io` and `registry-1.docker.io`. Credential helpers are not run.
-pub fn load_docker_config(path: &Path) -> Result<HashMap<String, Credentials>> {
+fn read_config(path: &Path) -> Result<DockerConfig> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::io(format!("read docker config {}", path.display()), e))?;
-    let config: DockerConfig = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::InvalidArgument(format!("docker config {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::InvalidArgument(format!("docker config {}: {e}", path.display())))
+}
+
+/// Reads the `auths` of a docker config file: host (`host[:port]`) → credentials. Entries keyed
+/// by a URL (`https://index.docker.io/v1/`) are keyed by its host; Docker Hub's entries are
+/// also filed under `docker.io` and `registry-1.docker.io`. Credential helpers are not run
+/// (see [`DockerCredentials`]).
+pub fn load_docker_config(path: &Path) -> Result<HashMap<String, Credentials>> {
+    auths_of(read_config(path)?, path)
+}
+
+fn auths_of(config: DockerConfig, path: &Path) -> Result<HashMap<String, Credentials>> {
     let mut out = HashMap::new();
     for (key, entry) in config.auths {
         let creds = match (&entry.auth, &entry.username, &entry.password) {
@@ -109,10 +206,7 @@ pub fn load_docker_config(path: &Path) -> Result<HashMap<String, Credentials>> {
             }
         };
         let host = host_of_key(&key);
-        if matches!(
-            host.as_str(),
-            "index.docker.io" | "docker.io" | "registry-1.docker.io"
-        ) {
+        if is_docker_hub(&host) {
             for alias in ["docker.io", "registry-1.docker.io", "index.docker.io"] {
                 out.insert(alias.to_string(), creds.clone());
             }
@@ -270,5 +364,52 @@ mod tests {
         assert_eq!(creds["registry-1.docker.io"].password, "pw");
         assert!(!creds.contains_key("empty.io"));
         assert!(!format!("{:?}", creds["docker.io"]).contains("pw"));
+    }
+
+    #[test]
+    fn credential_helpers_come_first_per_host_then_the_store_then_auths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let auth = STANDARD.encode("file:pw");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"auths":{{"a.io":{{"auth":"{auth}"}},"c.io":{{"auth":"{auth}"}}}},
+                "credHelpers":{{"a.io":"per-host"}},"credsStore":"store"}}"#
+            ),
+        )
+        .unwrap();
+        let answer = |user: &str| {
+            format!(
+                r#"read -r s; case "$s" in c.io) echo "credentials not found in native keychain"; exit 1;; esac
+printf '{{"Username":"{user}-%s","Secret":"x"}}' "$s""#
+            )
+        };
+        let per_host = super::super::credential_helper::tests::helper("per-host", &answer("h"));
+        let store = super::super::credential_helper::tests::helper("store", &answer("s"));
+        let mut creds = DockerCredentials::load(&path).unwrap();
+        creds.search_path = vec![per_host.path().into(), store.path().into()];
+        let user = |creds: &DockerCredentials, host: &str| creds.get(host).map(|c| c.username);
+        assert_eq!(
+            user(&creds, "a.io").as_deref(),
+            Some("h-a.io"),
+            "credHelpers wins"
+        );
+        assert_eq!(
+            user(&creds, "b.io").as_deref(),
+            Some("s-b.io"),
+            "then credsStore"
+        );
+        assert_eq!(user(&creds, "c.io").as_deref(), Some("file"), "then auths");
+        assert_eq!(
+            user(&creds, "docker.io").as_deref(),
+            Some("s-https://index.docker.io/v1/"),
+            "Docker Hub is asked by its historic URL"
+        );
+        // A missing helper is logged; auths still apply.
+        creds.search_path = vec![];
+        creds.asked = Mutex::new(HashMap::new());
+        assert_eq!(user(&creds, "a.io").as_deref(), Some("file"));
+        assert_eq!(user(&creds, "b.io"), None);
     }
 }

@@ -7,8 +7,9 @@
 //! - **Endpoints**: a host's mirrors ([`HostOptions::mirrors`]) are tried in order, then the
 //!   host itself; `http://` when [`HostOptions::plain_http`], else `https://`.
 //! - **Auth**: on `401` with a `Bearer` challenge, a token is fetched from the challenge's realm
-//!   (with the docker config's credentials for the host, when it has some) and cached per (host,
-//!   scope); a `Basic` challenge uses the docker config's credentials. `401`/`403` after that is
+//!   (with the docker config's credentials for the host, when it has some: its credential
+//!   helper's, else its `auths`) and cached per (host, scope); a `Basic` challenge uses the
+//!   docker config's credentials. `401`/`403` after that is
 //!   [`Error::PermissionDenied`].
 //! - **Redirects** (301/302/303/307/308) are followed, up to 5; `Authorization` is only sent to
 //!   the endpoint itself, never to the (storage) host a registry redirects to.
@@ -37,6 +38,7 @@
 
 pub mod auth;
 mod blob;
+mod credential_helper;
 mod reference;
 
 use std::collections::{BTreeMap, HashMap};
@@ -59,7 +61,7 @@ pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference};
 
 use crate::content::MAX_JSON_SIZE;
 use crate::{Error, Result};
-use auth::{Challenge, Credentials, TokenResponse};
+use auth::{Challenge, Credentials, DockerCredentials, TokenResponse};
 
 /// OCI image manifest media type.
 pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -84,8 +86,9 @@ pub struct RegistryOptions {
     /// Per-host options, keyed by `host[:port]` as in references (`docker.io` for Docker Hub);
     /// hosts not listed use [`HostOptions::default`] (HTTPS, no mirrors).
     pub hosts: BTreeMap<String, HostOptions>,
-    /// A docker-style `config.json` with `"auths"`. `None`: `$DOCKER_CONFIG/config.json`, else
-    /// `~/.docker/config.json`, when present.
+    /// A docker-style `config.json`: `auths`, and credential helpers (`credHelpers`,
+    /// `credsStore`: `docker-credential-<name>` on `$PATH`). `None`:
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, when present.
     pub docker_config: Option<PathBuf>,
     /// At most this many HTTP requests in flight per client (and its clones). Default 8.
     pub max_in_flight: usize,
@@ -172,7 +175,7 @@ struct Inner {
     opts: RegistryOptions,
     agent: Agent,
     insecure_agent: Agent,
-    credentials: HashMap<String, Credentials>,
+    credentials: DockerCredentials,
     /// (endpoint host, scope) → `Authorization` header value.
     auth: Mutex<HashMap<(String, String), String>>,
     slots: Arc<Semaphore>,
@@ -241,8 +244,8 @@ impl Registry {
             .clone()
             .or_else(auth::default_docker_config);
         let credentials = match &config_path {
-            Some(p) => auth::load_docker_config(p)?,
-            None => HashMap::new(),
+            Some(p) => DockerCredentials::load(p)?,
+            None => DockerCredentials::default(),
         };
         let timeout = Some(Duration::from_secs(opts.timeout_secs.max(1)));
         let agent = |insecure: bool| -> Agent {
@@ -599,6 +602,7 @@ impl Registry {
             .find_map(auth::parse_challenge)
             .ok_or_else(|| denied("HTTP 401 without a Bearer or Basic challenge".into()))?;
         let creds = self.inner.credentials.get(&ep.host);
+        let creds = creds.as_ref();
         let value = match challenge {
             Challenge::Basic => match creds {
                 Some(c) => c.basic_header(),
