@@ -108,6 +108,31 @@ fn pull_fetches_unpacks_and_mounts_an_image() {
     );
     assert!(!target.join("etc/motd").exists(), "whiteouts applied");
     ok(&root, &["umount", "--rm", target.to_str().unwrap()]);
+
+    // `pull --mount`: pull (nothing new to fetch) and mount in one go; no backing file system,
+    // so the mount outlives the command.
+    let out = ok(
+        &root,
+        &[
+            "pull",
+            "--plain-http",
+            "--mount",
+            target.to_str().unwrap(),
+            "--name",
+            "c1",
+            &reference,
+        ],
+    );
+    assert_eq!(out.lines().collect::<Vec<_>>(), [chain.as_str(), "c1"]);
+    assert_eq!(
+        std::fs::read_to_string(target.join("top.txt")).unwrap(),
+        "hello from the top layer\n"
+    );
+    ok(
+        &root,
+        &["umount", "--rm", "--name", "c1", target.to_str().unwrap()],
+    );
+    assert!(!target.join("top.txt").exists());
 }
 
 #[test]

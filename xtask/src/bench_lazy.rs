@@ -1,6 +1,8 @@
 //! `cargo xtask bench lazy`: time to first read and bytes fetched for an image in a local
 //! registry, (a) full pull + unpack vs (b) lazy pull of its eStargz form through the http
-//! plugin. Both talk to docker-registry through a counting proxy on 127.0.0.1.
+//! plugin. Both talk to docker-registry through a counting proxy on 127.0.0.1. Three rounds
+//! (`STRATA_BENCH_RUNS`), each with fresh state and a dropped page cache; the ratio is of the
+//! medians.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,120 +54,182 @@ pub fn bench_lazy() -> Result<()> {
     let proxy = FaultProxy::start(registry.addr())?;
     let est_size = dir_size(&est.join("blobs"))?;
 
-    // (a) Full pull + unpack + mount (one `strata pull --mount`), then read the file.
-    drop_caches()?;
-    proxy.reset_counters();
-    let full_root = w("root-full");
-    let target = w("rootfs-full");
-    std::fs::create_dir_all(&target)?;
-    let start = Instant::now();
-    let mut child = Command::new(&strata);
-    child
-        .args(["--root", full_root.to_str().context("path")?])
-        .args(["pull", "--plain-http", "--name", "bench", "--mount"])
-        .arg(&target)
-        .arg(format!("{}/bench/full:v1", proxy.host()));
-    let (mut full, full_pull_time) = start_until_mounted(&mut child, "bench")?;
-    let bytes = std::fs::read(target.join(&file)).context("read the file (full)")?;
-    let full_time = start.elapsed();
-    let full_bytes = proxy.body_bytes();
-    full.stop();
-    run_ok(Command::new(&strata).args([
-        "--root",
-        full_root.to_str().context("path")?,
-        "umount",
-        target.to_str().context("path")?,
-    ]))?;
-
-    // (b) Lazy pull + mount, served by the same process (`strata pull --lazy --mount`), then
-    // read the file.
-    drop_caches()?;
-    proxy.reset_counters();
-    let lazy_root = w("root-lazy");
-    let config = w("lazy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "root = {:?}\nplugins_dir = {:?}\n[filesystem]\nplugin = \"http\"\n\
-             [filesystem.options]\ncache_dir = {:?}\nbackground_fetch = false\n\
-             [filesystem.options.registry.hosts.\"{}\"]\nplain_http = true\n",
-            lazy_root,
-            plugins,
-            w("cache"),
-            proxy.host()
-        ),
-    )?;
     // STRATA_BENCH_LOG=<level> shows the lazy path's logs (with timestamps) on stderr.
     let log = std::env::var("STRATA_BENCH_LOG").unwrap_or_else(|_| "warn".into());
-    let target = w("rootfs-lazy");
-    std::fs::create_dir_all(&target)?;
-    let start = Instant::now();
-    let mut child = Command::new(&strata);
-    child
-        .args([
-            "--log-level",
-            &log,
-            "--config",
-            config.to_str().context("path")?,
-        ])
-        .args([
-            "pull",
-            "--lazy",
-            "--plain-http",
-            "--name",
-            "bench",
-            "--mount",
-        ])
-        .arg(&target)
-        .arg(format!("{}/bench/lazy:v1", proxy.host()));
-    let (mut lazy, lazy_pull_time) = start_until_mounted(&mut child, "bench")?;
-    let lazy_bytes_read = std::fs::read(target.join(&file)).context("read the file (lazy)")?;
-    let lazy_time = start.elapsed();
-    let lazy_bytes = proxy.body_bytes();
-    if lazy_bytes_read != bytes {
-        bail!(
-            "{} differs between the full and the lazy rootfs",
-            file.display()
-        );
+    let runs: usize = match std::env::var("STRATA_BENCH_RUNS") {
+        Ok(n) => n.parse().context("STRATA_BENCH_RUNS: a number")?,
+        Err(_) => 3,
+    };
+    let bench = Bench {
+        strata: &strata,
+        proxy: &proxy,
+        file: &file,
+        plugins: &plugins,
+        log: &log,
+    };
+    let mut full = Vec::new();
+    let mut lazy = Vec::new();
+    for round in 0..runs.max(1) {
+        let a = bench.full(&w(&format!("full-{round}")))?;
+        let b = bench.lazy(&w(&format!("lazy-{round}")))?;
+        if a.content != b.content {
+            bail!(
+                "{} differs between the full and the lazy rootfs",
+                file.display()
+            );
+        }
+        full.push(a);
+        lazy.push(b);
     }
-    lazy.stop();
 
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "\nbench lazy: OS image, {:.0} MiB gzip ({:.0} MiB eStargz), {:.0} MiB uncompressed; first read of /{} ({} bytes)\n",
+        "\nbench lazy: OS image, {:.0} MiB gzip ({:.0} MiB eStargz), {:.0} MiB uncompressed; first read of /{} ({} bytes); {} rounds, page cache dropped before each path\n",
         mib(image.compressed),
         mib(est_size),
         mib(image.uncompressed),
         file.display(),
-        bytes.len()
+        full[0].content.len(),
+        full.len()
     );
     println!(
-        "{:<34} {:>16} {:>20}",
-        "", "time to read", "fetched from registry"
+        "{:<7} {:>22} {:>22} {:>12} {:>12}",
+        "round", "(a) full pull+mount", "(b) lazy pull+mount", "time ratio", "bytes"
     );
+    for (i, (a, b)) in full.iter().zip(&lazy).enumerate() {
+        println!(
+            "{:<7} {:>8.2} s {:>7.1} MiB {:>8.2} s {:>7.1} MiB {:>12.3} {:>11.2}%",
+            i + 1,
+            a.time.as_secs_f64(),
+            mib(a.fetched),
+            b.time.as_secs_f64(),
+            mib(b.fetched),
+            b.time.as_secs_f64() / a.time.as_secs_f64(),
+            100.0 * b.fetched as f64 / est_size as f64
+        );
+    }
+    let median = |v: &[Sample], f: fn(&Sample) -> Duration| {
+        let mut t: Vec<Duration> = v.iter().map(f).collect();
+        t.sort();
+        t[t.len() / 2]
+    };
+    let (a, b) = (median(&full, |s| s.time), median(&lazy, |s| s.time));
     println!(
-        "{:<34} {:>14.2} s {:>16.1} MiB",
-        "(a) full pull + unpack + mount",
-        full_time.as_secs_f64(),
-        mib(full_bytes)
+        "\nmedian time to first read: (a) {:.2} s (pull {:.2} s), (b) {:.2} s (pull {:.2} s)",
+        a.as_secs_f64(),
+        median(&full, |s| s.pulled).as_secs_f64(),
+        b.as_secs_f64(),
+        median(&lazy, |s| s.pulled).as_secs_f64(),
     );
+    let fetched = lazy.iter().map(|s| s.fetched).max().unwrap_or(0);
     println!(
-        "{:<34} {:>14.2} s {:>16.1} MiB",
-        "(b) lazy pull + mount (eStargz)",
-        lazy_time.as_secs_f64(),
-        mib(lazy_bytes)
-    );
-    println!(
-        "\n(pull alone: full {:.2} s, lazy {:.2} s; the rest is mount and first read)",
-        full_pull_time.as_secs_f64(),
-        lazy_pull_time.as_secs_f64()
-    );
-    println!(
-        "\nlazy / full: time {:.3} (target < 0.1), bytes {:.2}% of the eStargz image (target < 5%)",
-        lazy_time.as_secs_f64() / full_time.as_secs_f64(),
-        100.0 * lazy_bytes as f64 / est_size as f64
+        "lazy / full: time {:.3} (target < 0.1), bytes at most {:.2}% of the eStargz image (target < 5%)",
+        b.as_secs_f64() / a.as_secs_f64(),
+        100.0 * fetched as f64 / est_size as f64
     );
     Ok(())
+}
+
+/// What one path measured.
+struct Sample {
+    /// From start to the file read.
+    time: Duration,
+    /// From start to the end of the pull (the chain ID printed).
+    pulled: Duration,
+    /// Body bytes from the registry.
+    fetched: u64,
+    /// The file's bytes.
+    content: Vec<u8>,
+}
+
+struct Bench<'a> {
+    strata: &'a Path,
+    proxy: &'a FaultProxy,
+    file: &'a Path,
+    plugins: &'a Path,
+    log: &'a str,
+}
+
+impl Bench<'_> {
+    /// (a) Full pull + unpack + mount (one `strata pull --mount`), then read the file.
+    fn full(&self, dir: &Path) -> Result<Sample> {
+        let (root, target) = (dir.join("root"), dir.join("rootfs"));
+        std::fs::create_dir_all(&target)?;
+        drop_caches()?;
+        self.proxy.reset_counters();
+        let start = Instant::now();
+        let mut cmd = Command::new(self.strata);
+        cmd.arg("--root")
+            .arg(&root)
+            .args(["pull", "--plain-http", "--name", "bench", "--mount"])
+            .arg(&target)
+            .arg(format!("{}/bench/full:v1", self.proxy.host()));
+        let (mut child, pulled) = start_until_mounted(&mut cmd, "bench")?;
+        let content = std::fs::read(target.join(self.file)).context("read the file (full)")?;
+        let time = start.elapsed();
+        let fetched = self.proxy.body_bytes();
+        child.stop();
+        run_ok(
+            Command::new(self.strata)
+                .arg("--root")
+                .arg(&root)
+                .arg("umount")
+                .arg(&target),
+        )?;
+        Ok(Sample {
+            time,
+            pulled,
+            fetched,
+            content,
+        })
+    }
+
+    /// (b) Lazy pull + mount, served by the same process (`strata pull --lazy --mount`), then
+    /// read the file.
+    fn lazy(&self, dir: &Path) -> Result<Sample> {
+        let (root, target) = (dir.join("root"), dir.join("rootfs"));
+        std::fs::create_dir_all(&target)?;
+        let config = dir.join("lazy.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "root = {:?}\nplugins_dir = {:?}\n[filesystem]\nplugin = \"http\"\n\
+                 [filesystem.options]\ncache_dir = {:?}\nbackground_fetch = false\n\
+                 [filesystem.options.registry.hosts.\"{}\"]\nplain_http = true\n",
+                root,
+                self.plugins,
+                dir.join("cache"),
+                self.proxy.host()
+            ),
+        )?;
+        drop_caches()?;
+        self.proxy.reset_counters();
+        let start = Instant::now();
+        let mut cmd = Command::new(self.strata);
+        cmd.args(["--log-level", self.log, "--config"])
+            .arg(&config)
+            .args([
+                "pull",
+                "--lazy",
+                "--plain-http",
+                "--name",
+                "bench",
+                "--mount",
+            ])
+            .arg(&target)
+            .arg(format!("{}/bench/lazy:v1", self.proxy.host()));
+        let (mut child, pulled) = start_until_mounted(&mut cmd, "bench")?;
+        let content = std::fs::read(target.join(self.file)).context("read the file (lazy)")?;
+        let time = start.elapsed();
+        let fetched = self.proxy.body_bytes();
+        child.stop();
+        Ok(Sample {
+            time,
+            pulled,
+            fetched,
+            content,
+        })
+    }
 }
 
 /// A small regular file of the image's first layer (relative path).
