@@ -1,7 +1,7 @@
 //! The subcommands.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result, bail};
 use rootfs::applier::ContentApplier;
@@ -20,8 +20,43 @@ use crate::{Cli, Command, CompressionArg, DEFAULT_ROOT};
 pub struct Settings {
     /// The state directory.
     pub root: PathBuf,
-    /// The configured backing file system.
-    pub filesystem: Option<Arc<dyn FileSystem>>,
+    /// The configured backing file system, loaded in the background.
+    filesystem: Loading,
+}
+
+type LoadResult = Result<Option<Arc<dyn FileSystem>>>;
+
+/// A backing file system plugin being loaded on another thread (its `dlopen` from a cold page
+/// cache overlaps the first round trips of a pull).
+struct Loading {
+    configured: bool,
+    thread: Mutex<Option<std::thread::JoinHandle<LoadResult>>>,
+    loaded: OnceLock<std::result::Result<Option<Arc<dyn FileSystem>>, String>>,
+}
+
+impl Settings {
+    /// Whether the config names a backing file system.
+    pub fn has_filesystem(&self) -> bool {
+        self.filesystem.configured
+    }
+
+    /// The configured backing file system (waits for it to load).
+    pub fn filesystem(&self) -> Result<Option<Arc<dyn FileSystem>>> {
+        let loaded = self.filesystem.loaded.get_or_init(|| {
+            let thread = self
+                .filesystem
+                .thread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            match thread.map(|t| t.join()) {
+                None => Ok(None),
+                Some(Ok(r)) => r.map_err(|e| format!("{e:#}")),
+                Some(Err(_)) => Err("loading the backing file system panicked".into()),
+            }
+        });
+        loaded.clone().map_err(anyhow::Error::msg)
+    }
 }
 
 fn settings(cli: &Cli) -> Result<Settings> {
@@ -37,13 +72,27 @@ fn settings(cli: &Cli) -> Result<Settings> {
         .clone()
         .or_else(|| config.as_ref().map(|c| c.root.clone()))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
-    let filesystem = match &config {
-        Some(c) => c
-            .filesystem()
-            .context("load the backing file system plugin")?,
-        None => None,
+    let configured = config.as_ref().is_some_and(|c| c.filesystem.is_some());
+    let thread = match config {
+        Some(c) if configured => Some(
+            std::thread::Builder::new()
+                .name("strata-load-fs".into())
+                .spawn(move || {
+                    c.filesystem()
+                        .context("load the backing file system plugin")
+                })
+                .context("start loading the backing file system")?,
+        ),
+        _ => None,
     };
-    Ok(Settings { root, filesystem })
+    Ok(Settings {
+        root,
+        filesystem: Loading {
+            configured,
+            thread: Mutex::new(thread),
+            loaded: OnceLock::new(),
+        },
+    })
 }
 
 /// Opens the overlay snapshotter of `settings` (remote-capable when a file system is set).
@@ -51,7 +100,7 @@ pub fn open_snapshotter(settings: &Settings) -> Result<OverlaySnapshotter> {
     OverlaySnapshotter::open_with_filesystem(
         &settings.root,
         Options::default(),
-        settings.filesystem.clone(),
+        settings.filesystem()?,
     )
     .with_context(|| format!("open snapshotter at {}", settings.root.display()))
 }
@@ -89,7 +138,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Unpack { image } => {
             let sn = open_snapshotter(&settings)?;
-            let chain = unpack(&sn, &ImageRef::parse(&image), settings.filesystem.is_some())?;
+            let chain = unpack(&sn, &ImageRef::parse(&image), settings.has_filesystem())?;
             println!("{chain}");
             sn.close()?;
         }
@@ -110,7 +159,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 target,
                 rw,
                 name,
-                foreground: settings.filesystem.is_some(),
+                foreground: settings.has_filesystem(),
             });
             crate::pull::run(&settings, &reference, &opts, mount.as_ref())?
         }
@@ -123,7 +172,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             require_root()?;
             let sn = open_snapshotter(&settings)?;
-            let chain = unpack(&sn, &ImageRef::parse(&image), settings.filesystem.is_some())?;
+            let chain = unpack(&sn, &ImageRef::parse(&image), settings.has_filesystem())?;
             let opts = MountOpts {
                 target,
                 rw,

@@ -167,7 +167,7 @@ pub fn run(settings: &Settings, keep_image: Option<&Path>) -> Result<()> {
         layout: layout.clone(),
         reference: Some("demo".into()),
     };
-    let chain = unpack(&sn, &image, settings.filesystem.is_some())?;
+    let chain = unpack(&sn, &image, settings.has_filesystem())?;
     println!(
         "unpacked into {}: chain ID {chain}",
         settings.root.display()

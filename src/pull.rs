@@ -69,7 +69,7 @@ pub fn run(
     if mount.is_some() {
         require_root()?;
     }
-    if opts.lazy && settings.filesystem.is_none() {
+    if opts.lazy && !settings.has_filesystem() {
         bail!(
             "--lazy needs a backing file system that mounts registry layers: \
              name one in the config ([filesystem] plugin = \"http\")"
@@ -124,7 +124,7 @@ pub fn run(
             layout: content,
             reference: Some(name),
         };
-        unpack(&sn, &image, settings.filesystem.is_some())?
+        unpack(&sn, &image, settings.has_filesystem())?
     };
     println!("{chain}");
     if let Some(m) = mount {

@@ -141,6 +141,22 @@ fn errors_are_one_clear_line() {
     assert!(line.contains("not found"), "{line}");
     let line = fails(&root, &["usage", "no-such-snapshot"]);
     assert!(line.contains("not found"), "{line}");
+    // A config naming a plugin that is not there: the command that needs it says so.
+    let config = tmp.path().join("strata.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = {:?}\nplugins_dir = {:?}\n[filesystem]\nplugin = \"nope\"\n",
+            root,
+            tmp.path()
+        ),
+    )
+    .unwrap();
+    let line = fails(&root, &["--config", config.to_str().unwrap(), "ls"]);
+    assert!(
+        line.contains("load the backing file system plugin") && line.contains("nope"),
+        "{line}"
+    );
 }
 
 #[test]

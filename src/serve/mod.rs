@@ -51,7 +51,7 @@ async fn serve(settings: &Settings, opts: &ServeOpts<'_>) -> Result<()> {
         .context("install the SIGINT handler")?;
 
     let root = settings.root.clone();
-    let filesystem = settings.filesystem.clone();
+    let filesystem = settings.filesystem()?;
     let async_remove = opts.async_remove;
     // Opening restores remote layers (mounts them again); cleanup then reclaims orphans a crash
     // or an asynchronous remove left behind.
@@ -81,7 +81,7 @@ async fn serve(settings: &Settings, opts: &ServeOpts<'_>) -> Result<()> {
     tracing::info!(
         address = %address.display(),
         root = %settings.root.display(),
-        remote = settings.filesystem.is_some(),
+        remote = settings.has_filesystem(),
         capabilities = ?sn.capabilities(),
         "serving containerd.services.snapshots.v1.Snapshots"
     );
