@@ -205,10 +205,10 @@ pub fn read_layer(
     })
 }
 
-/// [`resolve`] bounded by `timeout` (the work goes on in the background past it, and is
+/// [`resolve`] bounded by `deadline` (the work goes on in the background past it, and is
 /// dropped).
 pub fn resolve_within(
-    timeout: Duration,
+    deadline: Instant,
     registry: Registry,
     cache: Arc<ChunkCache>,
     source: LayerSource,
@@ -230,11 +230,10 @@ pub fn resolve_within(
             let _ = tx.send(r);
         })
         .map_err(|e| Error::io("start a resolver thread", e))?;
-    match rx.recv_timeout(timeout) {
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         Ok(r) => r,
         Err(_) => Err(Error::Unavailable(format!(
-            "layer {digest}: failed to resolve layer (timeout after {} s)",
-            timeout.as_secs()
+            "layer {digest}: failed to resolve layer (timeout: resolve_timeout_secs)"
         ))),
     }
 }

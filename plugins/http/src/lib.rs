@@ -200,6 +200,8 @@ impl Plugin for HttpFs {
         // The image's other layers are read meanwhile; this one may have been read already.
         self.warmer
             .schedule(&source.reference, &source.digest, &source.image_layers);
+        // One bound for both: waiting for a read ahead, then reading the layer here.
+        let deadline = std::time::Instant::now() + self.options.resolve_timeout();
         let resolved = match self.warmer.take(
             &source.reference,
             &source.digest,
@@ -210,7 +212,7 @@ impl Plugin for HttpFs {
                 r
             }
             None => layer::resolve_within(
-                self.options.resolve_timeout(),
+                deadline,
                 self.registry.clone(),
                 self.cache.clone(),
                 source.clone(),
