@@ -289,6 +289,32 @@ pub struct LayerSettings {
     pub background_fetch: bool,
     /// How long an answer of the registry for this blob stands as a passed Check.
     pub check_interval: Duration,
+    /// How long a Check waits for the mount-time prefetch (stargz's `prefetch_timeout_sec`).
+    pub prefetch_timeout: Duration,
+}
+
+/// A flag that is raised once; waiters wake up.
+#[derive(Default)]
+struct Signal {
+    raised: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Signal {
+    fn raise(&self) {
+        *self.raised.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    /// Whether it was raised within `timeout`.
+    fn wait(&self, timeout: Duration) -> bool {
+        let guard = self.raised.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |raised| !*raised)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard
+    }
 }
 
 /// A mounted layer.
@@ -303,6 +329,8 @@ pub struct Layer {
     blob: Mutex<Option<Blob>>,
     /// When the registry last served this blob (an open, a Check, a fetch).
     answered: Mutex<Option<Instant>>,
+    /// Raised when the mount-time prefetch has been tried (done or failed).
+    prefetch_tried: Signal,
     cache: Arc<ChunkCache>,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     /// Every distinct chunk of the layer, by blob offset.
@@ -353,6 +381,7 @@ impl Layer {
             registry,
             blob: Mutex::new(blob),
             answered: Mutex::new(answered),
+            prefetch_tried: Signal::default(),
             cache,
             flights: Mutex::new(HashMap::new()),
             chunks,
@@ -438,9 +467,24 @@ impl Layer {
             .all(|c| self.cache.contains(&self.key(c)))
     }
 
+    /// Checks the layer is available, then waits (bounded, as stargz does) for the mount-time
+    /// prefetch, so that what it brings is local when the container starts.
+    pub fn check(&self) -> Result<()> {
+        self.check_registry()?;
+        if !self.prefetch_tried.wait(self.settings.prefetch_timeout) {
+            tracing::debug!(layer = %self.source.digest, "Check did not wait for the prefetch to end (prefetch_timeout_secs)");
+        }
+        Ok(())
+    }
+
+    /// Marks the mount-time prefetch as over (Checks stop waiting for it).
+    pub fn end_prefetch(&self) {
+        self.prefetch_tried.raise();
+    }
+
     /// Checks the registry still serves the blob (or every chunk is local). An answer of the
     /// registry younger than the check interval counts, as in stargz (`valid_interval`).
-    pub fn check(&self) -> Result<()> {
+    fn check_registry(&self) -> Result<()> {
         if self.fully_cached() || self.answered_recently() {
             return Ok(());
         }
@@ -747,6 +791,7 @@ impl Layer {
         let mut prefetched = false;
         loop {
             if self.is_cancelled() {
+                self.end_prefetch();
                 return;
             }
             if !prefetched {
@@ -757,6 +802,11 @@ impl Layer {
                     prefetched = true;
                     tracing::debug!(layer = %self.source.digest, chunks = chunks.len(), elapsed = ?started.elapsed(), "prefetch done");
                 }
+                if !chunks.is_empty() {
+                    self.write_status();
+                }
+                // Done or failed (errors are only logged): Checks stop waiting.
+                self.end_prefetch();
             }
             if prefetched && self.settings.background_fetch {
                 let chunks = self.uncached_chunks();

@@ -33,6 +33,7 @@
 //! allow_no_verification = false   # mount layers without TOC digest if labelled skipverify
 //! resolve_timeout_secs = 30       # bound on finding a layer at mount time
 //! check_interval_secs = 60        # a registry answer this recent passes Check; 0: always ask
+//! prefetch_timeout_secs = 10      # how long Check waits for the mount-time prefetch; 0: not at all
 //! opaque_xattrs = ["trusted.overlay.opaque"]   # add "user.overlay.opaque" for rootless
 //!
 //! [filesystem.options.registry]   # rootfs::registry::RegistryOptions
@@ -59,7 +60,7 @@
 //! Check: the layer must be mounted here; if it is not all cached, the registry must have
 //! served its blob within `check_interval_secs` (opening it, a fetch, an earlier Check) or
 //! serve it now (else Unavailable; it recovers when the registry does), as stargz's
-//! `valid_interval`. Unmount aborts reads still waiting for the registry.
+//! `valid_interval`; then it waits, up to `prefetch_timeout_secs`, for the mount-time prefetch. Unmount aborts reads still waiting for the registry.
 //!
 //! The FUSE mounts are served by the process that loaded the plugin and end with it.
 
@@ -224,6 +225,7 @@ impl Plugin for HttpFs {
             prefetch_bytes: self.options.prefetch_bytes,
             background_fetch: self.options.background_fetch,
             check_interval: self.options.check_interval(),
+            prefetch_timeout: self.options.prefetch_timeout(),
         };
         let layer = Layer::new(
             source,
@@ -263,6 +265,7 @@ impl Plugin for HttpFs {
             .spawn(move || worker.run_worker())
         {
             tracing::warn!(error = %e, "cannot start the layer's fetch thread; fetching on demand only");
+            layer.end_prefetch();
         }
         tracing::info!(
             mountpoint = %key.display(),

@@ -14,6 +14,8 @@ pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
 pub const DEFAULT_PREFETCH_BYTES: u64 = 10 << 20;
 /// Default check interval: stargz's blob `valid_interval`.
 pub const DEFAULT_CHECK_INTERVAL_SECS: u64 = 60;
+/// Default bound on a Check's wait for the prefetch: stargz's `prefetch_timeout_sec`.
+pub const DEFAULT_PREFETCH_TIMEOUT_SECS: u64 = 10;
 /// Default bound on resolving a layer at mount time.
 pub const DEFAULT_RESOLVE_TIMEOUT_SECS: u64 = 30;
 
@@ -44,6 +46,9 @@ pub struct Options {
     /// Seconds during which an answer of the registry for a layer's blob (opening it, a
     /// fetch, a Check) stands for a passed Check; 0: every Check asks the registry.
     pub check_interval_secs: u64,
+    /// Seconds a Check waits for the mount-time prefetch to end (so that what it brings is
+    /// local when the container starts); 0: Check does not wait.
+    pub prefetch_timeout_secs: u64,
 }
 
 impl Default for Options {
@@ -58,6 +63,7 @@ impl Default for Options {
             resolve_timeout_secs: DEFAULT_RESOLVE_TIMEOUT_SECS,
             opaque_xattrs: vec!["trusted.overlay.opaque".into()],
             check_interval_secs: DEFAULT_CHECK_INTERVAL_SECS,
+            prefetch_timeout_secs: DEFAULT_PREFETCH_TIMEOUT_SECS,
         }
     }
 }
@@ -82,6 +88,12 @@ impl Options {
             return Err(invalid(format!(
                 "resolve_timeout_secs {}: must be between 1 and 3600",
                 self.resolve_timeout_secs
+            )));
+        }
+        if self.prefetch_timeout_secs > 3600 {
+            return Err(invalid(format!(
+                "prefetch_timeout_secs {}: must be at most 3600",
+                self.prefetch_timeout_secs
             )));
         }
         if self.check_interval_secs > 86_400 {
@@ -111,6 +123,11 @@ impl Options {
         IndexOptions {
             opaque_xattrs: self.opaque_xattrs.clone(),
         }
+    }
+
+    /// How long a Check waits for the mount-time prefetch.
+    pub fn prefetch_timeout(&self) -> Duration {
+        Duration::from_secs(self.prefetch_timeout_secs)
     }
 
     /// How long an answer of the registry stands for a passed Check.
@@ -144,6 +161,7 @@ mod tests {
         assert!(!o.allow_no_verification);
         assert_eq!(o.resolve_timeout(), Duration::from_secs(30));
         assert_eq!(o.check_interval(), Duration::from_secs(60));
+        assert_eq!(o.prefetch_timeout(), Duration::from_secs(10));
         assert_eq!(o.opaque_xattrs, ["trusted.overlay.opaque"]);
         assert_eq!(o.registry, RegistryOptions::default());
     }
@@ -183,6 +201,10 @@ mod tests {
             (
                 serde_json::json!({"resolve_timeout_secs": 0}),
                 "resolve_timeout_secs",
+            ),
+            (
+                serde_json::json!({"prefetch_timeout_secs": 7200}),
+                "prefetch_timeout_secs",
             ),
             (
                 serde_json::json!({"check_interval_secs": 100_000}),

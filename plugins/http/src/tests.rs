@@ -728,6 +728,7 @@ fn one_read_fetches_its_adjacent_chunks_with_one_request() {
             prefetch_bytes: 0,
             background_fetch: false,
             check_interval: Duration::ZERO,
+            prefetch_timeout: Duration::ZERO,
         },
     );
     proxy.reset_counters();
@@ -774,6 +775,62 @@ fn landmarked_files_are_prefetched_at_mount() {
         assert!(Instant::now() < deadline, "prefetch never done: {st:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    fs_.unmount(&mnt).unwrap();
+}
+
+#[test]
+fn check_waits_for_the_mount_time_prefetch_within_its_bound() {
+    let registry = start_registry();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    // A layer whose prioritised file (5000 bytes) is prefetched at mount.
+    let mut blob = Vec::new();
+    let opts = WriterOptions {
+        chunk_size: 64 << 10,
+        prioritized_files: vec!["bin/tool".into()],
+        ..Default::default()
+    };
+    let converted = convert_layer(rich_layer().as_slice(), &mut blob, &opts).unwrap();
+    let digest = push_blob(&registry.host(), &blob);
+    let host = proxy.host();
+    let labels = stargz_labels(&host, &digest, Some(converted.toc_digest.as_ref()));
+    let scratch = tempfile::tempdir().unwrap();
+    let mnt = mountpoint(scratch.path(), "snap");
+    // Through a registry that takes 1 s per request, Check returns once the prefetch is done.
+    let fs_ = plugin(&scratch.path().join("cache"), &[&host], |o| {
+        o.prefetch_timeout_secs = 30;
+    });
+    proxy.set_mode(Mode::Delay(Duration::from_secs(1)));
+    fs_.mount(&mnt, &labels).unwrap();
+    let start = Instant::now();
+    fs_.check(&mnt, &labels).unwrap();
+    let st = status_of(&mnt).unwrap();
+    assert_eq!(
+        st.bytes_cached, 5000,
+        "Check returned before the prefetch: {st:?}"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    fs_.unmount(&mnt).unwrap();
+
+    // Bounded: a Check waits no longer than prefetch_timeout_secs.
+    let fs_ = plugin(&scratch.path().join("cache2"), &[&host], |o| {
+        o.prefetch_timeout_secs = 1;
+        o.registry.timeout_secs = 60;
+    });
+    proxy.set_mode(Mode::Delay(Duration::from_secs(5)));
+    fs_.mount(&mnt, &labels).unwrap();
+    let start = Instant::now();
+    fs_.check(&mnt, &labels).unwrap();
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    assert_eq!(status_of(&mnt).unwrap().bytes_cached, 0);
+    proxy.set_mode(Mode::Pass);
     fs_.unmount(&mnt).unwrap();
 }
 
