@@ -881,25 +881,40 @@ fn a_registry_that_ignores_range_still_serves_the_layer() {
     fs_.unmount(&mnt).unwrap();
 }
 
+/// An image of two eStargz layers pushed through `host`: `a` (the rich layer) and `b` (one
+/// entry), and a function giving a layer's labels with the image's layers label.
+fn two_layer_image(
+    host: &str,
+    b_entry: E,
+) -> (
+    Pushed,
+    Pushed,
+    impl Fn(&Pushed) -> fs_plugin_api::model::Labels,
+) {
+    let a = push_estargz(host, &rich_layer());
+    let b = push_estargz(host, &tar_of(&[b_entry]));
+    let layers = format!("{},{}", a.digest, b.digest);
+    let host = host.to_string();
+    let with_layers = move |p: &Pushed| {
+        let mut l = stargz_labels(&host, &p.digest, Some(&p.toc_digest));
+        l.insert(LABEL_STARGZ_LAYERS.into(), layers.clone());
+        l
+    };
+    (a, b, with_layers)
+}
+
 #[test]
 fn mounting_a_layer_fetches_its_neighbours_tocs_ahead() {
     let registry = start_registry();
     let proxy = FaultProxy::start(registry.addr()).unwrap();
     let host = proxy.host();
-    let a = push_estargz(&host, &rich_layer());
-    let b = push_estargz(
+    let (a, b, with_layers) = two_layer_image(
         &host,
-        &tar_of(&[E::File("b.txt", 0o644, (0, 0), b"layer b\n".to_vec())]),
+        E::File("b.txt", 0o644, (0, 0), b"layer b\n".to_vec()),
     );
     let scratch = tempfile::tempdir().unwrap();
     let cache = scratch.path().join("cache");
     let fs_ = plugin(&cache, &[&host], |_| {});
-    let layers = format!("{},{}", a.digest, b.digest);
-    let with_layers = |p: &Pushed| {
-        let mut l = stargz_labels(&host, &p.digest, Some(&p.toc_digest));
-        l.insert(LABEL_STARGZ_LAYERS.into(), layers.clone());
-        l
-    };
     let mnt_a = mountpoint(scratch.path(), "a");
     fs_.mount(&mnt_a, &with_layers(&a)).unwrap();
     let b_toc = cache
@@ -930,19 +945,10 @@ fn a_layer_read_ahead_mounts_without_a_request_and_reads_through_its_open_blob()
     let registry = start_registry();
     let proxy = FaultProxy::start(registry.addr()).unwrap();
     let host = proxy.host();
-    let a = push_estargz(&host, &rich_layer());
-    let b = push_estargz(
-        &host,
-        &tar_of(&[E::File("b.bin", 0o644, (0, 0), noise(600_000, 3))]),
-    );
+    let (a, b, with_layers) =
+        two_layer_image(&host, E::File("b.bin", 0o644, (0, 0), noise(600_000, 3)));
     let scratch = tempfile::tempdir().unwrap();
     let fs_ = plugin(&scratch.path().join("cache"), &[&host], |_| {});
-    let layers = format!("{},{}", a.digest, b.digest);
-    let with_layers = |p: &Pushed| {
-        let mut l = stargz_labels(&host, &p.digest, Some(&p.toc_digest));
-        l.insert(LABEL_STARGZ_LAYERS.into(), layers.clone());
-        l
-    };
     let mnt_a = mountpoint(scratch.path(), "a");
     proxy.reset_counters();
     fs_.mount(&mnt_a, &with_layers(&a)).unwrap();
