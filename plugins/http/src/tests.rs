@@ -276,6 +276,16 @@ fn start_registry() -> TestRegistry {
     })
 }
 
+/// The rich layer pushed to a new registry, reached through a fault proxy: the registry (keep
+/// it alive), the proxy, the layer and the proxy's host.
+fn proxied_rich_layer() -> (TestRegistry, FaultProxy, Pushed, String) {
+    let registry = start_registry();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    let layer = push_estargz(&registry.host(), &rich_layer());
+    let host = proxy.host();
+    (registry, proxy, layer, host)
+}
+
 fn require_fuse() {
     assert!(
         Path::new("/dev/fuse").exists(),
@@ -430,10 +440,7 @@ fn a_mounted_layer_reads_like_the_original() {
 
 #[test]
 fn a_corrupted_chunk_is_an_io_error_never_wrong_bytes() {
-    let registry = start_registry();
-    let proxy = FaultProxy::start(registry.addr()).unwrap();
-    let layer = push_estargz(&registry.host(), &rich_layer());
-    let host = proxy.host();
+    let (_registry, proxy, layer, host) = proxied_rich_layer();
     let scratch = tempfile::tempdir().unwrap();
     let cache = scratch.path().join("cache");
     let fs_ = plugin(&cache, &[&host], |_| {});
@@ -568,10 +575,7 @@ fn check_follows_the_registry_and_recovers() {
 
 #[test]
 fn an_answer_within_the_check_interval_stands_for_a_check() {
-    let registry = start_registry();
-    let proxy = FaultProxy::start(registry.addr()).unwrap();
-    let layer = push_estargz(&registry.host(), &rich_layer());
-    let host = proxy.host();
+    let (_registry, proxy, layer, host) = proxied_rich_layer();
     let scratch = tempfile::tempdir().unwrap();
     let fs_ = plugin(&scratch.path().join("cache"), &[&host], |o| {
         o.check_interval_secs = 2
@@ -595,10 +599,7 @@ fn an_answer_within_the_check_interval_stands_for_a_check() {
 
 #[test]
 fn unmount_with_a_read_waiting_for_a_slow_registry_is_bounded() {
-    let registry = start_registry();
-    let proxy = FaultProxy::start(registry.addr()).unwrap();
-    let layer = push_estargz(&registry.host(), &rich_layer());
-    let host = proxy.host();
+    let (_registry, proxy, layer, host) = proxied_rich_layer();
     let scratch = tempfile::tempdir().unwrap();
     let fs_ = plugin(&scratch.path().join("cache"), &[&host], |o| {
         o.registry.timeout_secs = 60;
@@ -677,10 +678,7 @@ fn background_fetch_makes_the_layer_local_and_the_cache_survives_a_restart() {
 
 #[test]
 fn concurrent_readers_fetch_each_chunk_once() {
-    let registry = start_registry();
-    let proxy = FaultProxy::start(registry.addr()).unwrap();
-    let layer = push_estargz(&registry.host(), &rich_layer());
-    let host = proxy.host();
+    let (_registry, proxy, layer, host) = proxied_rich_layer();
     let scratch = tempfile::tempdir().unwrap();
     let fs_ = plugin(&scratch.path().join("cache"), &[&host], |_| {});
     let mnt = mountpoint(scratch.path(), "snap");
@@ -704,10 +702,7 @@ fn concurrent_readers_fetch_each_chunk_once() {
 
 #[test]
 fn one_read_fetches_its_adjacent_chunks_with_one_request() {
-    let registry = start_registry();
-    let proxy = FaultProxy::start(registry.addr()).unwrap();
-    let layer = push_estargz(&registry.host(), &rich_layer());
-    let host = proxy.host();
+    let (_registry, proxy, layer, host) = proxied_rich_layer();
     let scratch = tempfile::tempdir().unwrap();
     let cache = std::sync::Arc::new(
         crate::cache::ChunkCache::open(&scratch.path().join("cache"), 1 << 30).unwrap(),
@@ -836,10 +831,7 @@ fn check_waits_for_the_mount_time_prefetch_within_its_bound() {
 
 #[test]
 fn resolving_a_layer_is_bounded_by_the_resolve_timeout() {
-    let registry = start_registry();
-    let proxy = FaultProxy::start(registry.addr()).unwrap();
-    let layer = push_estargz(&registry.host(), &rich_layer());
-    let host = proxy.host();
+    let (_registry, proxy, layer, host) = proxied_rich_layer();
     let scratch = tempfile::tempdir().unwrap();
     let fs_ = plugin(&scratch.path().join("cache"), &[&host], |o| {
         o.resolve_timeout_secs = 1;
@@ -864,10 +856,7 @@ fn resolving_a_layer_is_bounded_by_the_resolve_timeout() {
 
 #[test]
 fn a_registry_that_ignores_range_still_serves_the_layer() {
-    let registry = start_registry();
-    let proxy = FaultProxy::start(registry.addr()).unwrap();
-    let layer = push_estargz(&registry.host(), &rich_layer());
-    let host = proxy.host();
+    let (_registry, proxy, layer, host) = proxied_rich_layer();
     proxy.set_mode(Mode::StripRange);
     let scratch = tempfile::tempdir().unwrap();
     let fs_ = plugin(&scratch.path().join("cache"), &[&host], |_| {});
