@@ -485,7 +485,8 @@ impl Layer {
     /// Checks the registry still serves the blob (or every chunk is local). An answer of the
     /// registry younger than the check interval counts, as in stargz (`valid_interval`).
     fn check_registry(&self) -> Result<()> {
-        if self.fully_cached() || self.answered_recently() {
+        // The cheap test first: fully_cached looks up every chunk of the layer.
+        if self.answered_recently() || self.fully_cached() {
             return Ok(());
         }
         let unavailable = |e: rootfs::Error| {
